@@ -1,0 +1,99 @@
+"""RunContext: everything an agent can do to its run, and nothing more.
+
+An agent is ``async def agent(ctx: RunContext) -> None``. It writes events through the
+methods below; stop cancels it (``CancelledError`` at its next await).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.core import events as ev
+from app.core.events import JsonObject, RunStatus
+from app.core.ids import new_request_id
+from app.engine.run import LiveRun
+
+# Yield to the event loop after this many events in a row, so that an agent emitting
+# as fast as it can does not starve readers, other runs or the flusher.
+_YIELD_EVERY = 64
+
+
+class RunContext:
+    """The handle an agent writes its run through."""
+
+    def __init__(self, run: LiveRun, history: list[JsonObject] | None = None) -> None:
+        self._run = run
+        self.input: JsonObject = run.input
+        self.history: list[JsonObject] = history or []
+        self._since_yield = 0
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
+
+    @property
+    def thread_id(self) -> str:
+        return self._run.thread_id
+
+    async def emit(self, type: str, data: JsonObject | None = None) -> int:
+        """Append an event of any type; returns its index.
+
+        ``status`` is reserved to the server: the run's lifecycle drives it.
+        """
+        if type == ev.STATUS:
+            raise ValueError("agents do not emit 'status' events; the server does")
+        if not type or len(type) > ev.MAX_TYPE_LENGTH:
+            raise ValueError(f"event type must be 1..{ev.MAX_TYPE_LENGTH} characters")
+        event = self._run.append(type, {} if data is None else data)
+        self._since_yield += 1
+        if self._since_yield >= _YIELD_EVERY:
+            self._since_yield = 0
+            await asyncio.sleep(0)
+        return event.index
+
+    async def text(self, text: str) -> int:
+        return await self.emit(ev.TEXT, {"text": text})
+
+    async def thinking(self, text: str) -> int:
+        return await self.emit(ev.THINKING, {"text": text})
+
+    async def tool_call(self, id: str, name: str, args: JsonObject | None = None) -> int:
+        return await self.emit(ev.TOOL_CALL, {"id": id, "name": name, "args": args or {}})
+
+    async def tool_result(
+        self, id: str, output: Any = None, error: JsonObject | str | None = None
+    ) -> int:
+        data: JsonObject = {"id": id}
+        if error is not None:
+            data["error"] = error
+        else:
+            data["output"] = output
+        return await self.emit(ev.TOOL_RESULT, data)
+
+    async def usage(self, **counters: int | float) -> int:
+        return await self.emit(ev.USAGE, dict(counters))
+
+    async def state(self, patch: JsonObject) -> int:
+        """Merge ``patch`` into the run's ``data`` (JSON Merge Patch)."""
+        return await self.emit(ev.STATE, patch)
+
+    async def request_input(self, prompt: str, schema: JsonObject | None = None) -> Any:
+        """Put the run in ``requires_action`` until a client answers; returns the value.
+
+        Cancellation: a stop while waiting cancels this call; the run ends ``stopped``.
+        """
+        run = self._run
+        assert run.pending_input is None, "request_input while another request is pending"
+        request_id = new_request_id()
+        data: JsonObject = {"request_id": request_id, "prompt": prompt}
+        if schema is not None:
+            data["schema"] = schema
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        run.pending_input = (request_id, answer)
+        try:
+            run.append(ev.INPUT_REQUIRED, data)
+            run.append(ev.STATUS, ev.status_data(RunStatus.REQUIRES_ACTION))
+            return await answer
+        finally:
+            run.pending_input = None

@@ -1,0 +1,141 @@
+"""Events, run statuses and the transitions between them (PROTOCOL.md §1).
+
+An :class:`Event` is immutable and carries its JSON encoding, made once when the event
+is created: every subscriber, the SSE stream and the database write the same string.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+import orjson
+
+JsonObject = dict[str, Any]
+
+
+class RunStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    REQUIRES_ACTION = "requires_action"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: Final = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED, RunStatus.INTERRUPTED}
+)
+
+_ENDINGS: Final = TERMINAL_STATUSES
+ALLOWED_TRANSITIONS: Final[dict[RunStatus, frozenset[RunStatus]]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING}) | _ENDINGS,
+    RunStatus.RUNNING: frozenset({RunStatus.REQUIRES_ACTION}) | _ENDINGS,
+    RunStatus.REQUIRES_ACTION: frozenset({RunStatus.RUNNING}) | _ENDINGS,
+    RunStatus.COMPLETED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.STOPPED: frozenset(),
+    RunStatus.INTERRUPTED: frozenset(),
+}
+
+
+def can_transition(old: RunStatus, new: RunStatus) -> bool:
+    """True when a run in status ``old`` may move to ``new``."""
+    return new in ALLOWED_TRANSITIONS[old]
+
+
+# Standard event types of PROTOCOL.md §1.
+STATUS: Final = "status"
+TEXT: Final = "text"
+THINKING: Final = "thinking"
+TOOL_CALL: Final = "tool_call"
+TOOL_RESULT: Final = "tool_result"
+USAGE: Final = "usage"
+INPUT_REQUIRED: Final = "input_required"
+INPUT_RECEIVED: Final = "input_received"
+STATE: Final = "state"
+STANDARD_TYPES: Final = frozenset(
+    {STATUS, TEXT, THINKING, TOOL_CALL, TOOL_RESULT, USAGE, INPUT_REQUIRED, INPUT_RECEIVED, STATE}
+)
+
+MAX_TYPE_LENGTH: Final = 64
+
+
+def encode(obj: Any) -> str:
+    """JSON-encode ``obj`` compactly (UTF-8 text, as every frame of the protocol)."""
+    return orjson.dumps(obj).decode()
+
+
+def decode(text: str | bytes) -> Any:
+    """Parse JSON text; raises ``orjson.JSONDecodeError`` (a ``ValueError``)."""
+    return orjson.loads(text)
+
+
+class Event:
+    """One entry of a run's log: ``{"i", "type", "data", "ts"}`` plus its encoding.
+
+    ``ts`` is given by the caller (the core reads no clock); it is rounded to the
+    microsecond, the precision the protocol promises.
+    """
+
+    __slots__ = ("data", "index", "json", "ts", "type")
+
+    index: int
+    type: str
+    data: JsonObject
+    ts: float
+    json: str
+
+    def __init__(self, index: int, type: str, data: JsonObject, ts: float) -> None:
+        self.index = index
+        self.type = type
+        self.data = data
+        self.ts = round(ts, 6)
+        self.json = encode({"i": index, "type": type, "data": data, "ts": self.ts})
+
+    @classmethod
+    def from_json(cls, text: str) -> Event:
+        """Rebuild an event from its stored encoding, keeping that encoding as is."""
+        obj = decode(text)
+        event = cls.__new__(cls)
+        event.index = obj["i"]
+        event.type = obj["type"]
+        event.data = obj["data"]
+        event.ts = obj["ts"]
+        event.json = text
+        return event
+
+    def to_dict(self) -> JsonObject:
+        return {"i": self.index, "type": self.type, "data": self.data, "ts": self.ts}
+
+    def __repr__(self) -> str:
+        return f"Event(i={self.index}, type={self.type!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and self.json == other.json
+
+    def __hash__(self) -> int:
+        return hash(self.json)
+
+
+def status_data(
+    status: RunStatus,
+    *,
+    error: JsonObject | None = None,
+    reason: str | None = None,
+    by: str | None = None,
+) -> JsonObject:
+    """The ``data`` of a ``status`` event, with only the keys that apply."""
+    data: JsonObject = {"status": status.value}
+    if error is not None:
+        data["error"] = error
+    if reason is not None:
+        data["reason"] = reason
+    if by is not None:
+        data["by"] = by
+    return data

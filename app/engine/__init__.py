@@ -1,0 +1,1 @@
+"""asyncio engine: live runs, the run manager, the flusher."""

@@ -1,0 +1,109 @@
+"""The flusher: throttled group commit of every dirty run in ONE transaction.
+
+Runs mark themselves dirty when they change. Every ``interval_s`` (or at once when some
+caller awaits :meth:`Flusher.commit`), the flusher takes every dirty run's unwritten
+events, current snapshot and row, and hands them to ``Store.write`` as one batch. A
+failed write leaves the runs dirty; the next flush retries, after a backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.engine.run import LiveRun
+from app.errors import StoreError
+from app.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 5.0
+
+
+class Flusher:
+    """Owns the single writer task; ``run()`` is awaited by the manager."""
+
+    def __init__(self, store: Store, interval_s: float) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self._dirty: dict[str, LiveRun] = {}
+        self._kick = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._closing = False
+        self.last_error: str | None = None
+        self.flushes = 0
+
+    def mark_dirty(self, run: LiveRun) -> None:
+        self._dirty[run.run_id] = run
+
+    async def flush(self) -> int:
+        """Write every dirty run now, in one transaction; returns how many runs.
+
+        Raises:
+            StoreError: the write failed; the runs stay dirty.
+        """
+        runs = [run for run in self._dirty.values() if run.needs_flush]
+        self._dirty.clear()
+        if not runs:
+            return 0
+        batch = [run.unflushed() for run in runs]
+        try:
+            await self.store.write(batch)
+        except BaseException:
+            for run in runs:
+                self._dirty.setdefault(run.run_id, run)
+            raise
+        for run, item in zip(runs, batch, strict=True):
+            run.mark_flushed(item.record.last_index)
+        self.flushes += 1
+        return len(runs)
+
+    async def commit(self, run: LiveRun) -> None:
+        """Return once everything ``run`` holds now (staged terminal event included) is
+        on disk. Triggers a flush at once; concurrent callers share it (group commit).
+
+        Cancellation: safe; the run stays dirty and is written by a later flush.
+        """
+        self.mark_dirty(run)
+        while run.needs_flush:
+            if self._closing:
+                await self.flush()
+                continue
+            self._kick.set()
+            flushed = self._flushed
+            await flushed.wait()
+
+    async def run(self) -> None:
+        """The writer loop: flush on the throttle or when kicked, until cancelled.
+
+        Cancellation: the loop ends; the owner calls :meth:`close` for the last flush.
+        """
+        backoff_s = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+            if backoff_s:
+                await asyncio.sleep(backoff_s)
+            self._kick.clear()
+            try:
+                await self.flush()
+            except StoreError as exc:
+                backoff_s = min(MAX_BACKOFF_S, max(self.interval_s, backoff_s * 2))
+                self.last_error = str(exc)
+                logger.error("flush failed, retrying in %.1fs: %s", backoff_s, exc)
+            else:
+                backoff_s = 0.0
+                self.last_error = None
+            finally:
+                flushed, self._flushed = self._flushed, asyncio.Event()
+                flushed.set()
+
+    async def close(self) -> None:
+        """Final flush after the loop has stopped; later commits flush inline."""
+        self._closing = True
+        flushed, self._flushed = self._flushed, asyncio.Event()
+        flushed.set()
+        await self.flush()

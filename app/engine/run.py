@@ -1,0 +1,261 @@
+"""LiveRun: a run's event log, its wake-up, its current snapshot and its agent task.
+
+Readers are cursors: ``read_after(cursor)`` never waits, ``wait_after(cursor)`` waits
+until there is something after the cursor (or the run is poked, for presence). There is
+no per-reader queue; a thousand readers share one log and one copy of every event.
+
+A terminal status event is *staged* before it is *published*: the flusher writes it to
+disk first, and only then do readers see it, so a client never sees a run end that a
+crash could take back (PROTOCOL.md §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.core import events as ev
+from app.core import snapshot
+from app.core.events import Event, JsonObject, RunStatus
+from app.core.log import EventLog
+from app.errors import CursorOutOfRangeError
+from app.store.base import RunRecord, RunWrite
+
+Clock = Callable[[], float]
+
+
+class LiveRun:
+    """One run in memory. Only the engine mutates it; transport only reads and waits."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        thread_id: str,
+        agent: str,
+        input: JsonObject,
+        epoch: str,
+        created_at: float,
+        clock: Clock = time.time,
+        on_dirty: Callable[[LiveRun], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.agent = agent
+        self.input = input
+        self.created_at = created_at
+        self.updated_at = created_at
+        self.log = EventLog(epoch)
+        self.state: JsonObject = snapshot.initial_state()
+        self.watchers = 0
+        self._clock = clock
+        self._on_dirty = on_dirty
+        self._wakeup: asyncio.Event | None = None
+        self._ended = asyncio.Event()
+        # Persistence bookkeeping, owned by the flusher.
+        self.flushed_index = 0
+        self.record_flushed = False
+        self.staged: Event | None = None
+        # Task bookkeeping, owned by the manager.
+        self.task: asyncio.Task[None] | None = None
+        self.agent_task: asyncio.Task[Any] | None = None
+        self.stop_by: str | None = None
+        self.stop_reason: str | None = None
+        self.abandon: asyncio.Future[None] | None = None
+        self.pending_input: tuple[str, asyncio.Future[Any]] | None = None
+
+    @classmethod
+    def from_record(cls, record: RunRecord, events: list[Event]) -> LiveRun:
+        """A run read back from the store, already ended (served to late readers)."""
+        run = cls(
+            run_id=record.run_id,
+            thread_id=record.thread_id,
+            agent=record.agent,
+            input=record.input,
+            epoch=record.epoch,
+            created_at=record.created_at,
+        )
+        for event in events:
+            run.log.add(event)
+        run.state = record.snapshot
+        run.updated_at = record.updated_at
+        run.flushed_index = run.log.last_index
+        run.record_flushed = True
+        if run.status.is_terminal:
+            run._ended.set()
+        return run
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        return self.log.epoch
+
+    @property
+    def last_index(self) -> int:
+        return self.log.last_index
+
+    @property
+    def status(self) -> RunStatus:
+        return RunStatus(self.state["status"])
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def read_after(self, cursor: int, limit: int | None = None) -> list[Event]:
+        """Events after ``cursor``, at most ``limit``; never waits.
+
+        Raises:
+            CursorOutOfRangeError: ``cursor`` is past the last index.
+        """
+        if cursor > self.log.last_index:
+            raise CursorOutOfRangeError(cursor, self.log.last_index)
+        return self.log.read_after(cursor, limit)
+
+    async def wait_after(self, cursor: int) -> None:
+        """Return once an event after ``cursor`` exists, the run has ended, or ``poke``.
+
+        Cancellation: always safe; waiting consumes nothing and changes no state.
+        """
+        if self.log.last_index > cursor or self._ended.is_set():
+            return
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        await self._wakeup.wait()
+
+    async def wait_ended(self) -> None:
+        """Return once the terminal event is published.
+
+        Cancellation: always safe.
+        """
+        await self._ended.wait()
+
+    def poke(self) -> None:
+        """Wake every waiting reader without appending (presence changed)."""
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    def snapshot_at(self, index: int | None = None) -> JsonObject:
+        """The run's state after events 1..``index`` (default: the last index).
+
+        Raises:
+            CursorOutOfRangeError: ``index`` is past the last index (field ``at``).
+        """
+        last = self.log.last_index
+        if index is None or index == last:
+            return self.state
+        if index < 0 or index > last:
+            raise CursorOutOfRangeError(index, last, field="at")
+        return snapshot.fold(self.log.read_after(0, index))
+
+    def snapshot_frame(self, index: int | None = None) -> JsonObject:
+        at = self.log.last_index if index is None else index
+        return {
+            "run_id": self.run_id,
+            "index": at,
+            "epoch": self.epoch,
+            "state": self.snapshot_at(at),
+        }
+
+    def info(self) -> JsonObject:
+        """RunInfo of PROTOCOL.md §2."""
+        return {
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "agent": self.agent,
+            "status": self.status.value,
+            "epoch": self.epoch,
+            "last_index": self.log.last_index,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "watchers": self.watchers,
+        }
+
+    def statistics(self) -> JsonObject:
+        return {
+            "events": len(self.log),
+            "unflushed": self.log.last_index - self.flushed_index,
+            "watchers": self.watchers,
+        }
+
+    # -- writing (engine only) ----------------------------------------------------------
+
+    def append(self, type: str, data: JsonObject) -> Event:
+        """Append a non-terminal event, fold it into the state and wake readers."""
+        assert self.staged is None and not self.ended, f"append to ended run {self.run_id}"
+        if type == ev.STATUS:
+            new = RunStatus(data["status"])
+            assert not new.is_terminal, "terminal status goes through stage_terminal()"
+            assert ev.can_transition(self.status, new), f"{self.status} -> {new}"
+        event = self.log.append(type, data, self._clock())
+        snapshot.apply(self.state, type, data)
+        self.updated_at = event.ts
+        self._changed()
+        return event
+
+    def stage_terminal(self, data: JsonObject) -> Event:
+        """Build the terminal status event; readers see it only after ``publish_staged``."""
+        assert self.staged is None and not self.ended, f"run {self.run_id} ended twice"
+        assert RunStatus(data["status"]).is_terminal
+        self.staged = self.log.next_event(ev.STATUS, data, self._clock())
+        if self._on_dirty is not None:
+            self._on_dirty(self)
+        return self.staged
+
+    def publish_staged(self) -> None:
+        """Make the staged terminal event visible: append it and end the run."""
+        event = self.staged
+        assert event is not None
+        self.log.add(event)
+        snapshot.apply(self.state, event.type, event.data)
+        self.updated_at = event.ts
+        self.staged = None
+        self._ended.set()
+        self.poke()
+
+    def _changed(self) -> None:
+        self.poke()
+        if self._on_dirty is not None:
+            self._on_dirty(self)
+
+    # -- persistence (flusher only) -----------------------------------------------------
+
+    def unflushed(self) -> RunWrite:
+        """Row and events not yet written, the staged terminal event included."""
+        events = self.log.read_after(self.flushed_index)
+        state = self.state
+        last = self.log.last_index
+        updated_at = self.updated_at
+        if self.staged is not None:
+            events = [*events, self.staged]
+            state = copy.deepcopy(state)
+            snapshot.apply(state, self.staged.type, self.staged.data)
+            last = self.staged.index
+            updated_at = self.staged.ts
+        record = RunRecord(
+            run_id=self.run_id,
+            thread_id=self.thread_id,
+            agent=self.agent,
+            input=self.input,
+            status=state["status"],
+            epoch=self.epoch,
+            last_index=last,
+            snapshot=state,
+            created_at=self.created_at,
+            updated_at=updated_at,
+        )
+        return RunWrite(record=record, events=events)
+
+    def mark_flushed(self, index: int) -> None:
+        self.flushed_index = max(self.flushed_index, index)
+        self.record_flushed = True
+
+    @property
+    def needs_flush(self) -> bool:
+        target = self.staged.index if self.staged is not None else self.log.last_index
+        return not self.record_flushed or self.flushed_index < target

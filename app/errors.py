@@ -1,0 +1,121 @@
+"""The whole exception tree of runcast.
+
+Every error a client can see carries a stable ``code`` from PROTOCOL.md §7 and optional
+structured details (``field``, ``active_run_id``, ``last_index``, ...). Only the transport
+layer turns one into an HTTP status, a reply frame or a close code, in one table
+(``app.transport.wire.HTTP_STATUS``)::
+
+    RuncastError                      code "internal"
+     ├── BadRequestError              "bad_request"        (field)
+     ├── NotFoundError                "not_found"
+     ├── UnknownAgentError            "unknown_agent"      (field)
+     ├── RunInProgressError           "run_in_progress"    (active_run_id)
+     ├── ConflictError                "conflict"           (expected_revision, actual_revision)
+     ├── CursorOutOfRangeError        "cursor_out_of_range" (last_index, field)
+     ├── NotWaitingError              "not_waiting"
+     ├── UnauthorizedError            "unauthorized"
+     ├── ForbiddenError               "forbidden"
+     ├── PayloadTooLargeError         "payload_too_large"
+     ├── TooManySubscriptionsError    "too_many_subscriptions"
+     ├── RateLimitedError             "rate_limited"
+     ├── ShuttingDownError            "internal"  (the server refuses new work while it stops)
+     └── StoreError                   "internal"  (the database failed; the cause is chained)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RuncastError(Exception):
+    """Base of every runcast error; ``code`` is what programs match on."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = {k: v for k, v in details.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` object of a reply frame or an HTTP error body."""
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+class BadRequestError(RuncastError):
+    """A frame or body is malformed, or a field is missing or invalid (names ``field``)."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+
+
+class NotFoundError(RuncastError):
+    code = "not_found"
+
+
+class UnknownAgentError(RuncastError):
+    code = "unknown_agent"
+
+    def __init__(self, agent: str) -> None:
+        super().__init__(f"no agent is registered under the name {agent!r}", field="agent")
+
+
+class RunInProgressError(RuncastError):
+    code = "run_in_progress"
+
+    def __init__(self, thread_id: str, active_run_id: str) -> None:
+        super().__init__(
+            f"thread {thread_id} already has an active run", active_run_id=active_run_id
+        )
+
+
+class ConflictError(RuncastError):
+    code = "conflict"
+
+
+class CursorOutOfRangeError(RuncastError):
+    code = "cursor_out_of_range"
+
+    def __init__(self, cursor: int, last_index: int, *, field: str = "after") -> None:
+        super().__init__(
+            f"{field}={cursor} is past the last index {last_index} of the run",
+            last_index=last_index,
+            field=field,
+        )
+
+
+class NotWaitingError(RuncastError):
+    code = "not_waiting"
+
+
+class UnauthorizedError(RuncastError):
+    code = "unauthorized"
+
+
+class ForbiddenError(RuncastError):
+    code = "forbidden"
+
+
+class PayloadTooLargeError(RuncastError):
+    code = "payload_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes is over the limit of {limit} bytes")
+
+
+class TooManySubscriptionsError(RuncastError):
+    code = "too_many_subscriptions"
+
+
+class RateLimitedError(RuncastError):
+    code = "rate_limited"
+
+
+class ShuttingDownError(RuncastError):
+    """New work is refused because the server is stopping."""
+
+
+class StoreError(RuncastError):
+    """The database failed; the original exception is the ``__cause__``."""

@@ -1,0 +1,77 @@
+"""The Store protocol: what the engine needs from durable storage, and nothing more.
+
+The engine writes through :meth:`Store.write` only (the flusher's group commit) and reads
+runs that are not in memory through the read methods. A second backend (a shared SQL
+database for several nodes) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.core.events import Event, JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRecord:
+    thread_id: str
+    metadata: JsonObject
+    created_at: float
+    updated_at: float
+    revision: int = 0
+    head: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run's row: who it is and its state as of its last persisted event."""
+
+    run_id: str
+    thread_id: str
+    agent: str
+    input: JsonObject
+    status: str
+    epoch: str
+    last_index: int
+    snapshot: JsonObject
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunWrite:
+    """One run's part of a group commit: its row as of ``record.last_index`` and the
+    events after the previously written index (contiguous, oldest first)."""
+
+    record: RunRecord
+    events: Sequence[Event] = field(default_factory=tuple)
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_thread(self, thread: ThreadRecord) -> None: ...
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None: ...
+
+    async def write(self, batch: Sequence[RunWrite]) -> None:
+        """Write every run of ``batch`` (rows and events) in ONE transaction."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(
+        self, *, status: str | None, thread_id: str | None, limit: int
+    ) -> list[RunRecord]: ...
+
+    async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]: ...
+
+    async def live_runs(self) -> list[RunRecord]:
+        """Runs whose stored status is not terminal (at start: those the crash cut off)."""
+        ...
+
+    async def stats(self) -> dict[str, Any]: ...

@@ -1,0 +1,270 @@
+"""SQLite implementation of the Store, through aiosqlite, in WAL mode.
+
+One connection serves every read and write (aiosqlite runs it on its own thread, so
+calls are serialized). Events are stored as the JSON text they were encoded to once,
+so reading them back costs no re-encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from app.core.events import TERMINAL_STATUSES, Event, decode, encode
+from app.errors import StoreError
+from app.store.base import RunRecord, RunWrite, ThreadRecord
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS threads (
+    thread_id  TEXT PRIMARY KEY,
+    metadata   TEXT NOT NULL,
+    revision   INTEGER NOT NULL DEFAULT 0,
+    head       TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id     TEXT PRIMARY KEY,
+    thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
+    agent      TEXT NOT NULL,
+    input      TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    epoch      TEXT NOT NULL,
+    last_index INTEGER NOT NULL,
+    snapshot   TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_thread ON runs (thread_id, created_at);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    i      INTEGER NOT NULL,
+    body   TEXT NOT NULL,
+    PRIMARY KEY (run_id, i)
+) WITHOUT ROWID;
+"""
+
+_RUN_COLUMNS = (
+    "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at, updated_at"
+)
+
+_UPSERT_RUN = f"""
+INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = excluded.status, epoch = excluded.epoch, last_index = excluded.last_index,
+    snapshot = excluded.snapshot, updated_at = excluded.updated_at
+"""
+
+_TERMINAL = tuple(sorted(status.value for status in TERMINAL_STATUSES))
+
+
+def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
+    return RunRecord(
+        run_id=row[0],
+        thread_id=row[1],
+        agent=row[2],
+        input=decode(row[3]),
+        status=row[4],
+        epoch=row[5],
+        last_index=row[6],
+        snapshot=decode(row[7]),
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
+    return ThreadRecord(
+        thread_id=row[0],
+        metadata=decode(row[1]),
+        revision=row[2],
+        head=row[3],
+        created_at=row[4],
+        updated_at=row[5],
+    )
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file, WAL journal, one transaction per write."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "SqliteStore used before open() or after close()"
+        return self._db
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database file and bring its schema up to date.
+
+        Raises:
+            StoreError: the file is not a database, or was written by a newer runcast.
+        """
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a process crash loses nothing committed; only a power
+            # loss may drop the last transactions.
+            await self.db.execute("PRAGMA synchronous=NORMAL")
+            await self.db.execute("PRAGMA foreign_keys=ON")
+            await self.db.executescript(_SCHEMA)
+            version = await self._schema_version()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        if version > SCHEMA_VERSION:
+            await self.close()
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this "
+                f"runcast understands ({SCHEMA_VERSION}); upgrade runcast"
+            )
+        if version < SCHEMA_VERSION:
+            await self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    async def _schema_version(self) -> int:
+        async with self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'") as cursor:
+            row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def create_thread(self, thread: ThreadRecord) -> None:
+        await self._execute(
+            "INSERT INTO threads (thread_id, metadata, revision, head, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                thread.thread_id,
+                encode(thread.metadata),
+                thread.revision,
+                thread.head,
+                thread.created_at,
+                thread.updated_at,
+            ),
+        )
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        rows = await self._fetch(
+            "SELECT thread_id, metadata, revision, head, created_at, updated_at"
+            " FROM threads WHERE thread_id = ?",
+            (thread_id,),
+        )
+        return _thread_from_row(rows[0]) if rows else None
+
+    async def write(self, batch: Sequence[RunWrite]) -> None:
+        """Write every run of ``batch`` in one transaction (group commit).
+
+        Raises:
+            StoreError: the transaction failed and was rolled back; nothing was written.
+        """
+        if not batch:
+            return
+        run_rows = []
+        event_rows: list[tuple[str, int, str]] = []
+        for item in batch:
+            record = item.record
+            run_rows.append(
+                (
+                    record.run_id,
+                    record.thread_id,
+                    record.agent,
+                    encode(record.input),
+                    record.status,
+                    record.epoch,
+                    record.last_index,
+                    encode(record.snapshot),
+                    record.created_at,
+                    record.updated_at,
+                )
+            )
+            event_rows.extend((record.run_id, event.index, event.json) for event in item.events)
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(_UPSERT_RUN, run_rows)
+                if event_rows:
+                    await db.executemany(
+                        "INSERT INTO events (run_id, i, body) VALUES (?, ?, ?)", event_rows
+                    )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"write of {len(batch)} runs failed: {exc}") from exc
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        return _run_from_row(rows[0]) if rows else None
+
+    async def list_runs(
+        self, *, status: str | None, thread_id: str | None, limit: int
+    ) -> list[RunRecord]:
+        where = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if thread_id is not None:
+            where.append("thread_id = ?")
+            params.append(thread_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        rows = await self._fetch(
+            f"SELECT {_RUN_COLUMNS} FROM runs {clause} ORDER BY created_at DESC LIMIT ?",
+            tuple(params),
+        )
+        return [_run_from_row(row) for row in rows]
+
+    async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]:
+        rows = await self._fetch(
+            "SELECT body FROM events WHERE run_id = ? AND i > ? ORDER BY i LIMIT ?",
+            (run_id, after, -1 if limit is None else limit),
+        )
+        return [Event.from_json(row[0]) for row in rows]
+
+    async def live_runs(self) -> list[RunRecord]:
+        marks = ", ".join("?" for _ in _TERMINAL)
+        rows = await self._fetch(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status NOT IN ({marks})", _TERMINAL
+        )
+        return [_run_from_row(row) for row in rows]
+
+    async def stats(self) -> dict[str, Any]:
+        rows = await self._fetch("SELECT count(*) FROM runs", ())
+        return {"path": str(self.path), "runs": rows[0][0]}
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            await self.db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"database statement failed: {exc}") from exc
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"database read failed: {exc}") from exc

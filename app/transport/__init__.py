@@ -1,0 +1,1 @@
+"""Transport: WebSocket sessions, HTTP routes, SSE, and the ASGI app."""

@@ -1,0 +1,236 @@
+"""Wire models and frame encoding (PROTOCOL.md §2, §5, §7). Pure: no I/O.
+
+Client frames are parsed into frozen pydantic models in strict mode (``"5"`` is not an
+int). Server frames are built as JSON text directly; an ``events`` frame joins the
+events' own encodings, so an event is serialized once however many clients receive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.core.events import Event, JsonObject, decode, encode
+from app.errors import BadRequestError, RuncastError
+
+PROTOCOL_VERSION: Final = 1
+MAX_EVENTS_PER_FRAME: Final = 1000
+
+# One table from error code to HTTP status; the only place that knows it.
+HTTP_STATUS: Final[dict[str, int]] = {
+    "bad_request": 422,
+    "unknown_agent": 422,
+    "cursor_out_of_range": 422,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "run_in_progress": 409,
+    "conflict": 409,
+    "not_waiting": 409,
+    "payload_too_large": 413,
+    "too_many_subscriptions": 429,
+    "rate_limited": 429,
+    "internal": 500,
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+Id = Annotated[str, Field(min_length=1, max_length=200)]
+Ref = str | int | float | None
+Multitask = Literal["reject", "interrupt", "enqueue", "rollback"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class _Op(_Model):
+    ref: Ref = None
+
+
+class SubscribeOp(_Op):
+    op: Literal["subscribe"]
+    run_id: Id
+    after: Annotated[int, Field(ge=0)] | Literal["latest"] = 0
+    epoch: str | None = None
+    snapshot: bool = False
+    presence: bool = True
+
+
+class UnsubscribeOp(_Op):
+    op: Literal["unsubscribe"]
+    run_id: Id
+
+
+class StartOp(_Op):
+    op: Literal["start"]
+    agent: Id
+    input: JsonObject = Field(default_factory=dict)
+    thread_id: Id | None = None
+    multitask: Multitask = "reject"
+    subscribe: bool = True
+
+
+class StopOp(_Op):
+    op: Literal["stop"]
+    run_id: Id
+
+
+class RespondOp(_Op):
+    op: Literal["respond"]
+    run_id: Id
+    request_id: Id
+    value: Any = None
+
+
+class WatchThreadOp(_Op):
+    op: Literal["watch_thread"]
+    thread_id: Id
+
+
+class UnwatchThreadOp(_Op):
+    op: Literal["unwatch_thread"]
+    thread_id: Id
+
+
+class PingOp(_Op):
+    op: Literal["ping"]
+
+
+Op = (
+    SubscribeOp
+    | UnsubscribeOp
+    | StartOp
+    | StopOp
+    | RespondOp
+    | WatchThreadOp
+    | UnwatchThreadOp
+    | PingOp
+)
+
+OPS: Final[dict[str, type[_Op]]] = {
+    "subscribe": SubscribeOp,
+    "unsubscribe": UnsubscribeOp,
+    "start": StartOp,
+    "stop": StopOp,
+    "respond": RespondOp,
+    "watch_thread": WatchThreadOp,
+    "unwatch_thread": UnwatchThreadOp,
+    "ping": PingOp,
+}
+
+
+# -- HTTP bodies ------------------------------------------------------------------------
+
+
+class StartRunBody(_Model):
+    agent: Id
+    input: JsonObject = Field(default_factory=dict)
+    thread_id: Id | None = None
+    multitask: Multitask = "reject"
+
+
+class RespondBody(_Model):
+    request_id: Id
+    value: Any = None
+
+
+class CreateThreadBody(_Model):
+    metadata: JsonObject = Field(default_factory=dict)
+
+
+def validation_error(exc: ValidationError, what: str) -> BadRequestError:
+    """The first problem of ``exc`` as a BadRequestError naming its (top-level) field."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "body"
+    if first["type"] == "missing":
+        message = f"{what}: {field} is required"
+    elif first["type"] == "extra_forbidden":
+        message = f"{what}: unknown field {field}"
+    else:
+        message = f"{what}: {field}: {first['msg']}"
+    return BadRequestError(message, field=field)
+
+
+def parse_model(model: type[M], obj: Any, what: str) -> M:
+    """Validate ``obj`` against ``model``. Raises: BadRequestError (names the field)."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise validation_error(exc, what) from None
+
+
+def read_ref(obj: Any) -> Ref:
+    """The frame's ``ref`` if it is one a reply can echo, else None."""
+    if isinstance(obj, dict):
+        ref = obj.get("ref")
+        if isinstance(ref, str | int | float) and not isinstance(ref, bool):
+            return ref
+    return None
+
+
+def parse_op(text: str | bytes) -> tuple[Ref, _Op]:
+    """Parse a client frame.
+
+    Returns the ref (for the reply) and the op model.
+
+    Raises:
+        BadRequestError: not JSON, not an object, unknown op or a bad field. Its
+            ``details["ref"]`` is not set; the caller replies with the ref it can read.
+    """
+    try:
+        obj = decode(text)
+    except ValueError:
+        raise BadRequestError("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequestError("frame must be a JSON object")
+    op = obj.get("op")
+    model = OPS.get(op) if isinstance(op, str) else None
+    if model is None:
+        known = ", ".join(OPS)
+        what = "missing" if op is None else f"unknown op {op!r}"
+        raise BadRequestError(f"op is {what}; expected one of {known}", field="op")
+    return read_ref(obj), parse_model(model, obj, f"op {op}")
+
+
+# -- server frames ----------------------------------------------------------------------
+
+
+def welcome(server_version: str, connection_id: str) -> str:
+    return encode(
+        {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "server": server_version,
+            "connection_id": connection_id,
+        }
+    )
+
+
+def reply_ok(ref: Ref, result: JsonObject) -> str:
+    return encode({"type": "reply", "ref": ref, "ok": True, "result": result})
+
+
+def reply_error(ref: Ref, error: RuncastError) -> str:
+    return encode({"type": "reply", "ref": ref, "ok": False, "error": error.to_dict()})
+
+
+def events_frame(run_id: str, epoch: str, events: Sequence[Event]) -> str:
+    """One ``events`` frame; the events' JSON is joined, not re-encoded."""
+    head = encode({"type": "events", "run_id": run_id, "epoch": epoch})
+    body = ",".join(event.json for event in events)
+    return f'{head[:-1]},"events":[{body}]}}'
+
+
+def snapshot_frame(snapshot: JsonObject) -> str:
+    return encode({"type": "snapshot", **snapshot})
+
+
+def reset_frame(run_id: str, epoch: str) -> str:
+    return encode({"type": "reset", "run_id": run_id, "epoch": epoch})
+
+
+def presence_frame(run_id: str, watchers: int) -> str:
+    return encode({"type": "presence", "run_id": run_id, "watchers": watchers})

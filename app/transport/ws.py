@@ -1,0 +1,327 @@
+"""The WebSocket endpoint ``/ws``: one Session per connection (PROTOCOL.md §2).
+
+A session reads client frames one at a time and answers each with exactly one reply.
+Each subscription is a *pump*: a task holding nothing but a cursor into the run's log,
+which sends whatever is after the cursor (up to 1,000 events a frame) and then waits.
+All sends go through one lock, so a reply sent before a pump is created precedes every
+frame of that pump. Every pump is owned by the session's task group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from app import __version__
+from app.core.events import JsonObject, decode, encode
+from app.core.ids import new_connection_id
+from app.engine.manager import RunManager
+from app.engine.run import LiveRun
+from app.errors import (
+    CursorOutOfRangeError,
+    PayloadTooLargeError,
+    RuncastError,
+    TooManySubscriptionsError,
+)
+from app.transport import wire
+
+logger = logging.getLogger(__name__)
+
+PRESENCE_INTERVAL_S = 0.25
+
+
+class _ConnectionGone(Exception):
+    """The socket can no longer be written to; the session is ending."""
+
+
+@dataclass(eq=False)
+class _Subscription:
+    run: LiveRun
+    cursor: int
+    presence: bool
+    sent_watchers: int
+    next_presence_at: float = 0.0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Session:
+    """One client connection: ops in, frames out."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        manager: RunManager,
+        *,
+        max_frame_bytes: int,
+        max_subscriptions: int,
+        max_thread_watches: int,
+    ) -> None:
+        self.websocket = websocket
+        self.manager = manager
+        self.connection_id = new_connection_id()
+        self.max_frame_bytes = max_frame_bytes
+        self.max_subscriptions = max_subscriptions
+        self.max_thread_watches = max_thread_watches
+        self._send_lock = asyncio.Lock()
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._watches: dict[str, Any] = {}
+        self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        self._group: asyncio.TaskGroup | None = None
+        self._gone = False
+
+    # -- the connection -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Accept, greet, and serve ops until the client leaves or the server closes."""
+        await self.websocket.accept()
+        logger.debug("connection_id=%s connected", self.connection_id)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                outbox = group.create_task(self._drain_outbox(), name="outbox")
+                try:
+                    await self._send(wire.welcome(__version__, self.connection_id))
+                    await self._receive_loop()
+                except _ConnectionGone:
+                    pass
+                finally:
+                    outbox.cancel()
+                    for subscription in self._subscriptions.values():
+                        if subscription.task is not None:
+                            subscription.task.cancel()
+        finally:
+            for thread_id, listener in self._watches.items():
+                self.manager.unwatch_thread(thread_id, listener)
+            self._watches.clear()
+            logger.debug("connection_id=%s closed", self.connection_id)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            size = len(data.encode() if isinstance(data, str) else data)
+            if size > self.max_frame_bytes:
+                await self._send(
+                    wire.reply_error(None, PayloadTooLargeError(size, self.max_frame_bytes))
+                )
+                continue
+            await self._handle(data)
+
+    async def close(self, code: int = 1001, timeout_s: float = 5.0) -> None:
+        """Let every pump deliver up to its run's end, then close with ``code``.
+
+        Cancellation: safe; the socket is closed by the server's own teardown.
+        """
+        pumps = [s.task for s in self._subscriptions.values() if s.task is not None]
+        if pumps:
+            await asyncio.wait(pumps, timeout=timeout_s)
+        async with self._send_lock:
+            if not self._gone:
+                self._gone = True
+                try:
+                    await self.websocket.close(code)
+                except (RuntimeError, OSError, WebSocketDisconnect):
+                    pass
+
+    async def _send(self, text: str) -> None:
+        async with self._send_lock:
+            if self._gone:
+                raise _ConnectionGone
+            try:
+                await self.websocket.send_text(text)
+            except (RuntimeError, OSError, WebSocketDisconnect) as exc:
+                self._gone = True
+                raise _ConnectionGone from exc
+
+    async def _drain_outbox(self) -> None:
+        while True:
+            text = await self._outbox.get()
+            try:
+                await self._send(text)
+            except _ConnectionGone:
+                return
+
+    # -- ops ----------------------------------------------------------------------------
+
+    async def _handle(self, data: str | bytes) -> None:
+        ref: wire.Ref = None
+        try:
+            ref, op = wire.parse_op(data)
+            result, after_reply = await self._dispatch(op)
+        except RuncastError as exc:
+            if ref is None:
+                ref = _ref_of(data)
+            await self._send(wire.reply_error(ref, exc))
+            return
+        except (asyncio.CancelledError, _ConnectionGone):
+            raise
+        except Exception:
+            logger.exception("connection_id=%s: op failed", self.connection_id)
+            error = RuncastError("internal error; the server logged it")
+            await self._send(wire.reply_error(ref, error))
+            return
+        await self._send(wire.reply_ok(ref, result))
+        if after_reply is not None:
+            await after_reply()
+
+    async def _dispatch(self, op: Any) -> tuple[JsonObject, Any]:
+        """Run one op; returns its result and what to do once the reply is sent."""
+        manager = self.manager
+        if isinstance(op, wire.SubscribeOp):
+            return await self._subscribe(op)
+        if isinstance(op, wire.StartOp):
+            run = await manager.start(
+                op.agent, op.input, thread_id=op.thread_id, multitask=op.multitask
+            )
+            if not op.subscribe:
+                return {"run": run.info()}, None
+            return self._attach(run, cursor=0, presence=True, preamble=())
+        if isinstance(op, wire.UnsubscribeOp):
+            await self._unsubscribe(op.run_id)
+            return {}, None
+        if isinstance(op, wire.StopOp):
+            run = await manager.get(op.run_id)
+            return manager.stop(run, by=self.connection_id), None
+        if isinstance(op, wire.RespondOp):
+            run = await manager.get(op.run_id)
+            manager.respond(run, op.request_id, op.value)
+            return {}, None
+        if isinstance(op, wire.WatchThreadOp):
+            return await self._watch_thread(op.thread_id), None
+        if isinstance(op, wire.UnwatchThreadOp):
+            listener = self._watches.pop(op.thread_id, None)
+            if listener is not None:
+                manager.unwatch_thread(op.thread_id, listener)
+            return {}, None
+        assert isinstance(op, wire.PingOp), op
+        return {"t": time.time()}, None
+
+    async def _subscribe(self, op: wire.SubscribeOp) -> tuple[JsonObject, Any]:
+        run = await self.manager.get(op.run_id)
+        if op.run_id not in self._subscriptions and (
+            len(self._subscriptions) >= self.max_subscriptions
+        ):
+            raise TooManySubscriptionsError(
+                f"a connection may hold at most {self.max_subscriptions} subscriptions"
+            )
+        last = run.last_index
+        preamble: list[str] = []
+        if op.epoch is not None and op.epoch != run.epoch:
+            # The client holds a log that a crash may have rewritten: start it over.
+            preamble.append(wire.reset_frame(run.run_id, run.epoch))
+            preamble.append(wire.snapshot_frame(run.snapshot_frame(last)))
+            cursor = last
+        else:
+            cursor = last if op.after == "latest" else int(op.after)
+            if cursor > last:
+                raise CursorOutOfRangeError(cursor, last)
+            if op.snapshot:
+                preamble.append(wire.snapshot_frame(run.snapshot_frame(cursor)))
+        await self._unsubscribe(op.run_id)
+        return self._attach(run, cursor=cursor, presence=op.presence, preamble=preamble)
+
+    def _attach(
+        self, run: LiveRun, *, cursor: int, presence: bool, preamble: Any
+    ) -> tuple[JsonObject, Any]:
+        """Count this connection as a watcher; the pump starts after the reply."""
+        self.manager.add_watcher(run)
+        subscription = _Subscription(run, cursor, presence, sent_watchers=run.watchers)
+        self._subscriptions[run.run_id] = subscription
+        info = run.info()
+
+        async def after_reply() -> None:
+            try:
+                for frame in preamble:
+                    await self._send(frame)
+            finally:
+                assert self._group is not None
+                subscription.task = self._group.create_task(
+                    self._pump(subscription), name=f"pump {run.run_id}"
+                )
+
+        return {"run": info}, after_reply
+
+    async def _unsubscribe(self, run_id: str) -> None:
+        subscription = self._subscriptions.get(run_id)
+        if subscription is None:
+            return
+        task = subscription.task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        else:  # attached, but its pump never started
+            self._detach(subscription)
+
+    def _detach(self, subscription: _Subscription) -> None:
+        run = subscription.run
+        if self._subscriptions.get(run.run_id) is subscription:
+            del self._subscriptions[run.run_id]
+            self.manager.remove_watcher(run)
+
+    async def _pump(self, subscription: _Subscription) -> None:
+        """Send every event after the cursor, exactly once and in order, to the run's end.
+
+        Cancellation: safe at any await; the cursor is advanced only after a send.
+        """
+        run = subscription.run
+        try:
+            while True:
+                if subscription.presence and run.watchers != subscription.sent_watchers:
+                    wait_s = subscription.next_presence_at - time.monotonic()
+                    if wait_s <= 0:
+                        subscription.sent_watchers = run.watchers
+                        subscription.next_presence_at = time.monotonic() + PRESENCE_INTERVAL_S
+                        await self._send(wire.presence_frame(run.run_id, run.watchers))
+                else:
+                    wait_s = None
+                events = run.read_after(subscription.cursor, wire.MAX_EVENTS_PER_FRAME)
+                if events:
+                    await self._send(wire.events_frame(run.run_id, run.epoch, events))
+                    subscription.cursor = events[-1].index
+                    continue
+                if run.ended:
+                    return
+                if wait_s is not None and wait_s > 0:
+                    try:
+                        async with asyncio.timeout(wait_s):
+                            await run.wait_after(subscription.cursor)
+                    except TimeoutError:
+                        pass
+                else:
+                    await run.wait_after(subscription.cursor)
+        except _ConnectionGone:
+            return
+        finally:
+            self._detach(subscription)
+
+    async def _watch_thread(self, thread_id: str) -> JsonObject:
+        thread = await self.manager.get_thread(thread_id)
+        if thread_id not in self._watches:
+            if len(self._watches) >= self.max_thread_watches:
+                raise TooManySubscriptionsError(
+                    f"a connection may watch at most {self.max_thread_watches} threads"
+                )
+            outbox = self._outbox
+
+            def listener(frame: JsonObject) -> None:
+                outbox.put_nowait(encode(frame))
+
+            self._watches[thread_id] = listener
+            self.manager.watch_thread(thread_id, listener)
+        return {"thread": self.manager.thread_info(thread)}
+
+
+def _ref_of(data: str | bytes) -> wire.Ref:
+    try:
+        return wire.read_ref(decode(data))
+    except ValueError:
+        return None

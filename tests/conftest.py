@@ -1,0 +1,178 @@
+"""Shared fixtures: a real runcast server on an ephemeral loopback port.
+
+``server`` runs uvicorn in the test's own event loop with a fresh SQLite file under
+``tmp_path``; ``spawn`` starts ``python -m app serve`` as a separate process for tests
+that kill or signal it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.transport.app import Runtime, create_app
+
+
+@dataclass
+class Server:
+    """A running server: its base URLs, settings and runtime (for white-box checks)."""
+
+    host: str
+    port: int
+    settings: Settings
+    runtime: Runtime
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+
+async def start_server(db: Path, **overrides: Any) -> tuple[Server, uvicorn.Server, asyncio.Task[None]]:
+    settings = Settings(db=db, port=0, **overrides)
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=16 * 1024 * 1024)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    runtime: Runtime = app.state.runtime
+    async with asyncio.timeout(10):
+        await runtime.ready.wait()
+    return Server("127.0.0.1", port, settings, runtime), server, task
+
+
+async def stop_server(server: uvicorn.Server, task: asyncio.Task[None], runtime: Runtime) -> None:
+    async with asyncio.timeout(20):
+        await runtime.shutdown()
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    """A real runcast server (uvicorn, SQLite file) on 127.0.0.1 and a free port."""
+    info, uv, task = await start_server(tmp_path / "runcast.db", flush_interval_s=0.05)
+    try:
+        yield info
+    finally:
+        await stop_server(uv, task, info.runtime)
+
+
+@pytest.fixture
+async def server_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    """Start servers with custom settings: ``await server_factory(linger_s=0.1)``.
+
+    Each call starts another server (by default on the same SQLite file); all are stopped
+    at teardown. ``stop(server)`` stops one early (for restart tests).
+    """
+    running: dict[int, tuple[uvicorn.Server, asyncio.Task[None], Runtime]] = {}
+
+    async def factory(**overrides: Any) -> Server:
+        overrides.setdefault("flush_interval_s", 0.05)
+        db = overrides.pop("db", tmp_path / "runcast.db")
+        info, uv, task = await start_server(db, **overrides)
+        running[info.port] = (uv, task, info.runtime)
+        return info
+
+    async def stop(info: Server) -> None:
+        uv, task, runtime = running.pop(info.port)
+        await stop_server(uv, task, runtime)
+
+    factory.stop = stop  # type: ignore[attr-defined]
+    try:
+        yield factory
+    finally:
+        for uv, task, runtime in running.values():
+            await stop_server(uv, task, runtime)
+
+
+@dataclass
+class Spawned:
+    """A ``runcast serve`` process."""
+
+    process: subprocess.Popen[str]
+    port: int
+    db: Path
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+_LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def spawn_server(db: Path, *args: str, timeout_s: float = 20.0) -> Spawned:
+    """Start ``python -m app serve --port 0`` on ``db``; returns once it listens."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", "0", "--db", str(db), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            selector.close()
+            return Spawned(process, int(match.group(1)), db, lines)
+    process.kill()
+    process.wait()
+    raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """``spawn(db=None, *args)`` starts a server process; all are killed at teardown."""
+    processes: list[Spawned] = []
+
+    def start(*args: str, db: Path | None = None) -> Spawned:
+        spawned = spawn_server(db or tmp_path / "runcast.db", *args)
+        processes.append(spawned)
+        return spawned
+
+    yield start
+    for spawned in processes:
+        if spawned.process.poll() is None:
+            spawned.process.kill()
+        spawned.process.wait(timeout=10)
+        if spawned.process.stdout is not None:
+            spawned.process.stdout.close()
