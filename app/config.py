@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "RUNCAST_"
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 class Settings(BaseModel):
@@ -32,6 +34,15 @@ class Settings(BaseModel):
     max_frame_bytes: int = Field(1_048_576, ge=1024)
     max_subscriptions: int = Field(256, ge=1)
     max_thread_watches: int = Field(64, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # Checked here, so that a wrong level is a settings error, not a crash in logging.
+        level = value.lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @classmethod
     def from_env(

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
-import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import uvicorn
@@ -45,7 +46,9 @@ class Server:
         return f"ws://{self.host}:{self.port}/ws"
 
 
-async def start_server(db: Path, **overrides: Any) -> tuple[Server, uvicorn.Server, asyncio.Task[None]]:
+async def start_server(
+    db: Path, **overrides: Any
+) -> tuple[Server, uvicorn.Server, asyncio.Task[None]]:
     settings = Settings(db=db, port=0, **overrides)
     app = create_app(settings)
     sock = socket.socket()
@@ -109,12 +112,15 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[Any]:
 
 @dataclass
 class Spawned:
-    """A ``runcast serve`` process."""
+    """A ``runcast serve`` process. ``output`` keeps growing (stdout and stderr, merged)
+    while the process runs: a reader thread drains the pipe, so a chatty server never
+    blocks on a full pipe."""
 
     process: subprocess.Popen[str]
     port: int
     db: Path
     output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -124,48 +130,77 @@ class Spawned:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    def wait(self, timeout_s: float) -> int:
+        """Wait for the process to exit (``subprocess.TimeoutExpired`` past
+        ``timeout_s``); returns its exit code once all of its output is in ``output``."""
+        code = self.process.wait(timeout=timeout_s)
+        if self.reader is not None:
+            self.reader.join(timeout=timeout_s)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
 
 _LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
-def spawn_server(db: Path, *args: str, timeout_s: float = 20.0) -> Spawned:
-    """Start ``python -m app serve --port 0`` on ``db``; returns once it listens."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _drain(stream: IO[str], lines: list[str], arrived: queue.SimpleQueue[str | None]) -> None:
+    for line in stream:
+        lines.append(line)
+        arrived.put(line)
+    arrived.put(None)
+
+
+def spawn_server(
+    db: Path, *args: str, timeout_s: float = 20.0, env: Mapping[str, str] | None = None
+) -> Spawned:
+    """Start ``python -m app serve --port 0`` on ``db``; returns once it listens.
+
+    ``env`` adds to (or overrides) the test's own environment.
+    """
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", "0", "--db", str(db), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=environ,
     )
     assert process.stdout is not None
     lines: list[str] = []
+    arrived: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    reader = threading.Thread(
+        target=_drain, args=(process.stdout, lines, arrived), name="spawned output", daemon=True
+    )
+    reader.start()
     deadline = time.monotonic() + timeout_s
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+    while (remaining_s := deadline - time.monotonic()) > 0:
+        try:
+            line = arrived.get(timeout=remaining_s)
+        except queue.Empty:
             break
-        line = process.stdout.readline()
-        if not line:
+        if line is None:
             break
-        lines.append(line)
         match = _LISTENING.search(line)
         if match:
-            selector.close()
-            return Spawned(process, int(match.group(1)), db, lines)
+            return Spawned(process, int(match.group(1)), db, lines, reader)
     process.kill()
     process.wait()
+    reader.join(timeout=10)
+    process.stdout.close()
     raise AssertionError("server did not start:\n" + "".join(lines))
 
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(db=None, *args)`` starts a server process; all are killed at teardown."""
+    """``spawn(*args, db=None, env=None)`` starts a server process; all are killed at
+    teardown. ``env`` adds variables to the process's environment."""
     processes: list[Spawned] = []
 
-    def start(*args: str, db: Path | None = None) -> Spawned:
-        spawned = spawn_server(db or tmp_path / "runcast.db", *args)
+    def start(*args: str, db: Path | None = None, env: Mapping[str, str] | None = None) -> Spawned:
+        spawned = spawn_server(db or tmp_path / "runcast.db", *args, env=env)
         processes.append(spawned)
         return spawned
 
@@ -173,6 +208,6 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     for spawned in processes:
         if spawned.process.poll() is None:
             spawned.process.kill()
-        spawned.process.wait(timeout=10)
+        spawned.wait(timeout_s=10)
         if spawned.process.stdout is not None:
             spawned.process.stdout.close()

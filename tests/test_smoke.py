@@ -18,8 +18,10 @@ async def test_counter_streams_to_completion(server: Server) -> None:
         reply = json.loads(await ws.recv())
         assert reply["ok"] and reply["ref"] == 1
         events = []
-        while not events or events[-1]["type"] != "status" or events[-1]["data"]["status"] in (
-            "running",
+        while (
+            not events
+            or events[-1]["type"] != "status"
+            or events[-1]["data"]["status"] in ("running",)
         ):
             frame = json.loads(await ws.recv())
             if frame["type"] == "events":

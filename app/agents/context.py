@@ -45,6 +45,8 @@ class RunContext:
             raise ValueError("agents do not emit 'status' events; the server does")
         if not type or len(type) > ev.MAX_TYPE_LENGTH:
             raise ValueError(f"event type must be 1..{ev.MAX_TYPE_LENGTH} characters")
+        if data is not None and not isinstance(data, dict):
+            raise TypeError(f"event data must be a JSON object, not {data.__class__.__name__}")
         event = self._run.append(type, {} if data is None else data)
         self._since_yield += 1
         if self._since_yield >= _YIELD_EVERY:

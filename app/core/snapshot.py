@@ -91,7 +91,9 @@ def _apply_tool_result(tools: list[JsonObject], data: JsonObject) -> None:
         tool = tools[position]
         if tool["id"] == data.get("id"):
             failed = data.get("error") is not None
-            updated = dict(tool)
+            # A later result for the same call replaces the earlier one as a whole, so
+            # the tool never shows an error beside status "completed".
+            updated = {k: v for k, v in tool.items() if k not in ("output", "error")}
             if "output" in data:
                 updated["output"] = data["output"]
             if failed:

@@ -29,6 +29,9 @@ class Flusher:
         self._dirty: dict[str, LiveRun] = {}
         self._kick = asyncio.Event()
         self._flushed = asyncio.Event()
+        # One flush at a time: a commit that flushes inline (after close) must wait for a
+        # write in flight, or it would find nothing dirty and spin without yielding.
+        self._lock = asyncio.Lock()
         self._closing = False
         self.last_error: str | None = None
         self.flushes = 0
@@ -42,21 +45,22 @@ class Flusher:
         Raises:
             StoreError: the write failed; the runs stay dirty.
         """
-        runs = [run for run in self._dirty.values() if run.needs_flush]
-        self._dirty.clear()
-        if not runs:
-            return 0
-        batch = [run.unflushed() for run in runs]
-        try:
-            await self.store.write(batch)
-        except BaseException:
-            for run in runs:
-                self._dirty.setdefault(run.run_id, run)
-            raise
-        for run, item in zip(runs, batch, strict=True):
-            run.mark_flushed(item.record.last_index)
-        self.flushes += 1
-        return len(runs)
+        async with self._lock:
+            runs = [run for run in self._dirty.values() if run.needs_flush]
+            self._dirty.clear()
+            if not runs:
+                return 0
+            batch = [run.unflushed() for run in runs]
+            try:
+                await self.store.write(batch)
+            except BaseException:
+                for run in runs:
+                    self._dirty.setdefault(run.run_id, run)
+                raise
+            for run, item in zip(runs, batch, strict=True):
+                run.mark_flushed(item.record.last_index)
+            self.flushes += 1
+            return len(runs)
 
     async def commit(self, run: LiveRun) -> None:
         """Return once everything ``run`` holds now (staged terminal event included) is

@@ -282,6 +282,18 @@ class RunManager:
             info = run.info() if run is not None else record_info(record)
             if status is None or info["status"] == status:
                 infos.append(info)
+        if status is not None:
+            # A run in memory may have a status its stored row does not show yet.
+            listed = {info["run_id"] for info in infos}
+            for run in self.runs.values():
+                if (
+                    run.status.value == status
+                    and run.run_id not in listed
+                    and (thread_id is None or run.thread_id == thread_id)
+                ):
+                    infos.append(run.info())
+            infos.sort(key=lambda info: info["created_at"], reverse=True)
+            del infos[limit:]
         return infos
 
     def stop(self, run: LiveRun, by: str | None = None) -> JsonObject:
@@ -359,9 +371,10 @@ class RunManager:
             task.add_done_callback(_forget(self._abandoned))
         elif task is not None and not task.cancelled():
             error = task.exception()
-            if error is None:
+            # An agent that swallows a stop and returns still ends as the stop said.
+            if error is None and run.stop_reason is None:
                 return ev.status_data(RunStatus.COMPLETED)
-            if run.stop_reason is None:
+            if error is not None and run.stop_reason is None:
                 logger.warning("run_id=%s: agent failed: %r", run.run_id, error)
                 return ev.status_data(
                     RunStatus.FAILED,

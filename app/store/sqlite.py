@@ -123,8 +123,11 @@ class SqliteStore:
             # loss may drop the last transactions.
             await self.db.execute("PRAGMA synchronous=NORMAL")
             await self.db.execute("PRAGMA foreign_keys=ON")
-            await self.db.executescript(_SCHEMA)
+            # The version is read before the schema is touched: a newer runcast's file is
+            # refused as it is, not given this version's tables first.
             version = await self._schema_version()
+            if version <= SCHEMA_VERSION:
+                await self.db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             await self.close()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
@@ -141,6 +144,12 @@ class SqliteStore:
             )
 
     async def _schema_version(self) -> int:
+        """The file's schema version; 0 for a new file (no ``meta`` table yet)."""
+        async with self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ) as cursor:
+            if await cursor.fetchone() is None:
+                return 0
         async with self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'") as cursor:
             row = await cursor.fetchone()
         return 0 if row is None else int(row[0])

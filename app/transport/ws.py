@@ -179,6 +179,8 @@ class Session:
         if isinstance(op, wire.SubscribeOp):
             return await self._subscribe(op)
         if isinstance(op, wire.StartOp):
+            if op.subscribe:
+                self._check_room(None)  # before the run exists: a refusal starts nothing
             run = await manager.start(
                 op.agent, op.input, thread_id=op.thread_id, multitask=op.multitask
             )
@@ -207,12 +209,7 @@ class Session:
 
     async def _subscribe(self, op: wire.SubscribeOp) -> tuple[JsonObject, Any]:
         run = await self.manager.get(op.run_id)
-        if op.run_id not in self._subscriptions and (
-            len(self._subscriptions) >= self.max_subscriptions
-        ):
-            raise TooManySubscriptionsError(
-                f"a connection may hold at most {self.max_subscriptions} subscriptions"
-            )
+        self._check_room(op.run_id)
         last = run.last_index
         preamble: list[str] = []
         if op.epoch is not None and op.epoch != run.epoch:
@@ -228,6 +225,16 @@ class Session:
                 preamble.append(wire.snapshot_frame(run.snapshot_frame(cursor)))
         await self._unsubscribe(op.run_id)
         return self._attach(run, cursor=cursor, presence=op.presence, preamble=preamble)
+
+    def _check_room(self, run_id: str | None) -> None:
+        """Raises TooManySubscriptionsError unless one more subscription (other than a
+        replacement of ``run_id``'s) fits."""
+        if run_id not in self._subscriptions and (
+            len(self._subscriptions) >= self.max_subscriptions
+        ):
+            raise TooManySubscriptionsError(
+                f"a connection may hold at most {self.max_subscriptions} subscriptions"
+            )
 
     def _attach(
         self, run: LiveRun, *, cursor: int, presence: bool, preamble: Any
@@ -275,7 +282,11 @@ class Session:
         run = subscription.run
         try:
             while True:
-                if subscription.presence and run.watchers != subscription.sent_watchers:
+                if (
+                    subscription.presence
+                    and run.watchers != subscription.sent_watchers
+                    and not run.ended
+                ):
                     wait_s = subscription.next_presence_at - time.monotonic()
                     if wait_s <= 0:
                         subscription.sent_watchers = run.watchers

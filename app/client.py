@@ -1,0 +1,449 @@
+"""The Python client of runcast (PROTOCOL.md §2 and §4).
+
+Two objects, each owning one WebSocket:
+
+- ``Client``: ops and their replies. One reader task (owned by the client, cancelled
+  and awaited on exit) routes each ``reply`` to the request that sent its ``ref`` and
+  every other frame to the listeners added with ``add_listener``.
+- ``Watch``: an async iterator over one run's events that reconnects on its own. It has
+  its own connection, separate from the client's, so that dropping and re-subscribing
+  it touches nothing else. It yields every event after its cursor exactly once, in
+  order, and stops after the run's terminal ``status`` event::
+
+      async with Client(url) as client:
+          run = await client.start("counter", {"n": 100})
+          async with client.watch(run["run_id"]) as events:
+              async for event in events:
+                  ...
+
+Errors::
+
+    ClientError                 code from PROTOCOL.md §7 (a reply with ok: false)
+     ├── ConnectionLostError    "connection_lost": the socket closed, or reconnecting gave up
+     ├── GapError               "gap": events out of order or an epoch change without a reset
+     └── (code "protocol")      the server did not greet with a runcast welcome frame
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Self
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+logger = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+Listener = Callable[[JsonObject], None]
+
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped", "interrupted"})
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a frame holds at most 1,000 events
+_RETRYABLE = (OSError, TimeoutError, ConnectionClosed, InvalidHandshake)
+
+
+class ClientError(Exception):
+    """An error a runcast server replied with, or one the client detected.
+
+    ``code`` is what programs match on; ``details`` holds the error's extra keys
+    (``active_run_id``, ``last_index``, ``field``, ...).
+    """
+
+    def __init__(self, code: str, message: str, details: JsonObject | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details: JsonObject = details or {}
+
+    @classmethod
+    def from_reply(cls, error: JsonObject) -> ClientError:
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        return cls(str(error.get("code")), str(error.get("message")), details)
+
+
+class ConnectionLostError(ClientError):
+    """The connection closed before a reply, or a watch ran out of reconnect attempts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connection_lost", message)
+
+
+class GapError(ClientError):
+    """The server broke the delivery guarantee; reported, never skipped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("gap", message)
+
+
+async def _open(url: str, open_timeout_s: float) -> tuple[ClientConnection, JsonObject]:
+    """Connect and read the welcome frame; the connection is closed if that fails."""
+    ws = await connect(url, open_timeout=open_timeout_s, max_size=MAX_MESSAGE_BYTES)
+    try:
+        async with asyncio.timeout(open_timeout_s):
+            welcome = json.loads(await ws.recv())
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            raise ClientError("protocol", f"expected a welcome frame, got {welcome!r}")
+    except BaseException:
+        ws.transport.abort()
+        raise
+    return ws, welcome
+
+
+class Client:
+    """One WebSocket to a runcast server: requests by ``ref``, other frames to listeners."""
+
+    def __init__(self, url: str, *, open_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.open_timeout_s = open_timeout_s
+        self.welcome: JsonObject = {}
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._replies: dict[int, asyncio.Future[JsonObject]] = {}
+        self._listeners: list[Listener] = []
+        self._ref = 0
+
+    async def __aenter__(self) -> Self:
+        """Connect, read the welcome frame and start the reader.
+
+        Cancellation: safe; a half-open connection is aborted.
+        """
+        self._ws, self.welcome = await _open(self.url, self.open_timeout_s)
+        self._reader = asyncio.create_task(self._read(self._ws), name=f"client {self.url}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the socket, then cancel and await the reader; re-raises a listener's bug.
+
+        Cancellation: the socket is aborted rather than closed, the reader still cancelled.
+        """
+        ws, reader = self._ws, self._reader
+        self._ws = self._reader = None
+        if ws is None or reader is None:
+            return
+        try:
+            await ws.close()
+        finally:
+            ws.transport.abort()
+            reader.cancel()
+            await asyncio.wait({reader})
+        error = None if reader.cancelled() else reader.exception()
+        if error is not None:
+            raise error
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(frame)`` for every frame that is not a reply; returns a remover.
+
+        Listeners run in the reader task and must not block. Add one before the op that
+        makes the frames you want (``start(subscribe=True)``, ``subscribe``, ...).
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        cause: BaseException | None = None
+        try:
+            async for message in ws:
+                frame = json.loads(message)
+                if frame.get("type") == "reply":
+                    ref = frame.get("ref")
+                    future = self._replies.get(ref) if isinstance(ref, int) else None
+                    if future is not None and not future.done():
+                        future.set_result(frame)
+                    continue
+                for listener in list(self._listeners):
+                    listener(frame)
+        except ConnectionClosed as exc:
+            cause = exc
+        finally:
+            for future in self._replies.values():
+                if not future.done():
+                    error = ConnectionLostError(f"connection to {self.url} closed")
+                    error.__cause__ = cause
+                    future.set_exception(error)
+
+    async def request(self, op: str, **fields: Any) -> JsonObject:
+        """Send ``{"op": op, **fields}`` and return the reply's ``result``.
+
+        Raises:
+            ClientError: the reply had ``ok: false`` (its code, message and details).
+            ConnectionLostError: the connection is closed or closed before the reply.
+
+        Cancellation: safe; a reply that comes later is dropped.
+        """
+        if self._ws is None or self._reader is None or self._reader.done():
+            raise ConnectionLostError(f"not connected to {self.url}")
+        self._ref += 1
+        ref = self._ref
+        future: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
+        self._replies[ref] = future
+        try:
+            try:
+                await self._ws.send(json.dumps({"op": op, "ref": ref, **fields}))
+            except ConnectionClosed as exc:
+                raise ConnectionLostError(f"connection to {self.url} closed") from exc
+            reply = await future
+        finally:
+            del self._replies[ref]
+        if not reply.get("ok"):
+            raise ClientError.from_reply(reply.get("error") or {})
+        result: JsonObject = reply.get("result") or {}
+        return result
+
+    async def start(
+        self,
+        agent: str,
+        input: JsonObject,
+        *,
+        thread_id: str | None = None,
+        multitask: str = "reject",
+        subscribe: bool = False,
+    ) -> JsonObject:
+        """Start a run and return its RunInfo. With ``subscribe``, its frames go to listeners.
+
+        Raises: ClientError (``run_in_progress`` with ``active_run_id``, ``unknown_agent``).
+
+        Cancellation: safe for the client; the run may have started all the same.
+        """
+        fields: JsonObject = {"agent": agent, "input": input, "multitask": multitask}
+        if thread_id is not None:
+            fields["thread_id"] = thread_id
+        result = await self.request("start", subscribe=subscribe, **fields)
+        run: JsonObject = result["run"]
+        return run
+
+    async def stop(self, run_id: str) -> JsonObject:
+        """Ask a run to stop: ``{"stopping", "status"}``; an ended run is not an error.
+
+        Cancellation: safe; the stop may have been applied all the same.
+        """
+        return await self.request("stop", run_id=run_id)
+
+    async def respond(self, run_id: str, request_id: str, value: Any) -> None:
+        """Answer a run's pending ``input_required``. Raises: ClientError ``not_waiting``.
+
+        Cancellation: safe; the answer may have been applied all the same.
+        """
+        await self.request("respond", run_id=run_id, request_id=request_id, value=value)
+
+    async def ping(self) -> float:
+        """The server's clock (Unix seconds). Cancellation: safe."""
+        return float((await self.request("ping"))["t"])
+
+    def watch(self, run_id: str, after: int = 0, **options: Any) -> Watch:
+        """A Watch of ``run_id`` on a connection of its own to this client's URL."""
+        return Watch(self.url, run_id, after, **options)
+
+
+def watch(url: str, run_id: str, after: int = 0, **options: Any) -> Watch:
+    """A Watch of ``run_id`` at ``url``; see Watch for the options."""
+    return Watch(url, run_id, after, **options)
+
+
+class Watch:
+    """The events of one run after ``after``, exactly once and in order, across reconnects.
+
+    When the connection drops, the watch reconnects (exponential backoff with jitter; at
+    most ``max_attempts`` tries and ``max_outage_s`` seconds per outage) and subscribes
+    again with ``after`` = its cursor and its epoch. On a ``reset`` (the run's epoch
+    changed, PROTOCOL.md §4) it counts it in ``resets``, takes the new ``epoch`` and the
+    snapshot that follows (``snapshot``, which moves ``cursor`` to the snapshot's index)
+    and goes on with the events after it. Iteration stops after the terminal ``status``
+    event, or at once when the run ended at or before the cursor (after a reset: see
+    ``snapshot["state"]["status"]``). ``url`` may be changed while it runs (the server
+    moved); the next reconnect uses it.
+
+    Attributes: ``cursor`` (the last index yielded), ``epoch``, ``snapshot`` (the last
+    snapshot frame), ``resets``, ``reconnects``, ``info`` (RunInfo of the last subscribe).
+
+    Close it with ``async with`` or ``aclose()`` when leaving the loop early; it closes
+    itself when the iteration ends or fails.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        run_id: str,
+        after: int = 0,
+        *,
+        epoch: str | None = None,
+        snapshot: bool = False,
+        max_attempts: int | None = 10,
+        max_outage_s: float = 30.0,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        open_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.run_id = run_id
+        self.cursor = after
+        self.epoch = epoch
+        self.snapshot: JsonObject | None = None
+        self.info: JsonObject | None = None
+        self.resets = 0
+        self.reconnects = 0
+        self.max_attempts = max_attempts
+        self.max_outage_s = max_outage_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.open_timeout_s = open_timeout_s
+        self._want_snapshot = snapshot
+        self._expect_snapshot = False
+        self._ws: ClientConnection | None = None
+        self._pending: deque[JsonObject] = deque()
+        self._ended = False
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> JsonObject:
+        """The next event; reconnects as needed.
+
+        Raises:
+            ClientError: the subscribe was refused (``not_found``, ``cursor_out_of_range``).
+            ConnectionLostError: reconnecting gave up.
+            GapError: the server broke its delivery guarantee.
+
+        Cancellation: safe; nothing is lost, and the next call goes on from the cursor.
+        """
+        try:
+            while not self._pending:
+                if self._ended or self._closed:
+                    await self.aclose()
+                    raise StopAsyncIteration
+                frame = await self._next_frame()
+                if frame is not None:
+                    self._handle(frame)
+        except Exception as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                self._closed = True
+                self.drop()
+                self._ws = None
+            raise
+        event = self._pending.popleft()
+        self.cursor = event["i"]
+        if event["type"] == "status" and event["data"].get("status") in TERMINAL_STATUSES:
+            self._ended = True
+        return event
+
+    async def aclose(self) -> None:
+        """Close the connection; iteration stops. Cancellation: the socket is aborted."""
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                await ws.close()
+            finally:
+                ws.transport.abort()
+
+    def drop(self) -> None:
+        """Abort the current connection as a network failure would (for tests)."""
+        if self._ws is not None:
+            self._ws.transport.abort()
+
+    async def _next_frame(self) -> JsonObject | None:
+        """The next frame, reconnecting first if needed; None when nothing more will come."""
+        while True:
+            if self._ws is None:
+                await self._connect()
+                if self._ended:  # the run ended at or before the cursor
+                    return None
+            assert self._ws is not None
+            try:
+                frame: JsonObject = json.loads(await self._ws.recv())
+                return frame
+            except ConnectionClosed as exc:
+                logger.info("run_id=%s watch connection lost (%s); resuming", self.run_id, exc)
+                self._ws.transport.abort()
+                self._ws = None
+                self.reconnects += 1
+
+    async def _connect(self) -> None:
+        """Connect and subscribe after the cursor, retrying with backoff and jitter."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                await self._subscribe()
+                return
+            except _RETRYABLE as exc:
+                attempt += 1
+                delay_s = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                delay_s *= 0.5 + random.random() / 2
+                out_of_attempts = self.max_attempts is not None and attempt >= self.max_attempts
+                if out_of_attempts or time.monotonic() + delay_s - started > self.max_outage_s:
+                    raise ConnectionLostError(
+                        f"run_id={self.run_id}: gave up reconnecting to {self.url} "
+                        f"after {attempt} attempts"
+                    ) from exc
+                logger.info("run_id=%s reconnect attempt %d failed: %r", self.run_id, attempt, exc)
+                await asyncio.sleep(delay_s)
+
+    async def _subscribe(self) -> None:
+        ws, _ = await _open(self.url, self.open_timeout_s)
+        try:
+            op: JsonObject = {"op": "subscribe", "ref": 1, "run_id": self.run_id}
+            op |= {"after": self.cursor, "snapshot": self._want_snapshot, "presence": False}
+            if self.epoch is not None:
+                op["epoch"] = self.epoch
+            await ws.send(json.dumps(op))
+            async with asyncio.timeout(self.open_timeout_s):
+                reply = json.loads(await ws.recv())
+            assert reply.get("type") == "reply", reply  # nothing else is subscribed yet
+            if not reply["ok"]:
+                raise ClientError.from_reply(reply["error"])
+        except BaseException:
+            ws.transport.abort()
+            raise
+        self._ws = ws
+        self.info = info = reply["result"]["run"]
+        reset = self.epoch is not None and info["epoch"] != self.epoch
+        self._expect_snapshot = reset or self._want_snapshot
+        self._want_snapshot = False  # a snapshot is asked for once; a reset brings its own
+        if self.epoch is None:
+            self.epoch = info["epoch"]
+        self._check_ended()
+
+    def _check_ended(self) -> None:
+        info = self.info
+        if info is not None and not self._expect_snapshot and not self._pending:
+            if info["status"] in TERMINAL_STATUSES and self.cursor >= info["last_index"]:
+                self._ended = True
+
+    def _handle(self, frame: JsonObject) -> None:
+        """Fold one frame into the watch's state; events go to the pending queue."""
+        kind = frame.get("type")
+        if kind == "reset":
+            self.resets += 1
+            self.epoch = frame["epoch"]
+            self._expect_snapshot = True
+            logger.info("run_id=%s reset to epoch %s", self.run_id, self.epoch)
+        elif kind == "snapshot":
+            self.snapshot = frame
+            self.cursor = frame["index"]
+            self._expect_snapshot = False
+            self._check_ended()
+        elif kind == "events":
+            if frame["epoch"] != self.epoch:
+                raise GapError(f"events of epoch {frame['epoch']} while in {self.epoch}")
+            expected = self.cursor + len(self._pending) + 1
+            for event in frame["events"]:
+                if event["i"] != expected:
+                    raise GapError(f"run_id={self.run_id}: expected i={expected}, got {event['i']}")
+                expected += 1
+            self._pending.extend(frame["events"])

@@ -1,0 +1,182 @@
+"""Imports flow one way (DESIGN.md "Layers"); app/core stays pure and I/O-free.
+
+Every module is read with ``ast``, not imported, so an import inside a function or under
+``if TYPE_CHECKING:`` counts as much as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parent.parent / "app"
+
+# What app/core may import: the standard library's pure parts, pydantic, and orjson (the
+# JSON codec events are encoded with once, pyproject.toml); nothing that waits, reads a
+# clock, touches files, sockets or processes.
+CORE_ALLOWED = {
+    "__future__",
+    "abc",
+    "bisect",
+    "collections",
+    "copy",
+    "dataclasses",
+    "enum",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "math",
+    "operator",
+    "orjson",
+    "pydantic",
+    "re",
+    "secrets",
+    "types",
+    "typing",
+}
+# Named outright so that widening the allow-list by mistake still fails here.
+CORE_FORBIDDEN = {
+    "asyncio",
+    "sqlite3",
+    "aiosqlite",
+    "starlette",
+    "uvicorn",
+    "websockets",
+    "socket",
+    "time",
+    "os",
+    "threading",
+    "subprocess",
+    "pathlib",
+    "io",
+    "logging",
+    "random",
+    "datetime",
+    "importlib",
+    "app.engine",
+    "app.store",
+    "app.transport",
+    "app.agents",
+    "app.config",
+    "app.cli",
+}
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((APP / package).rglob("*.py"))
+
+
+def module_name(path: Path, root: Path = APP.parent) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_names(path: Path, root: Path = APP.parent) -> set[str]:
+    """Every module ``path`` imports, absolute (relative imports resolved against ``root``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package.pop()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            names.add(module)
+            # ``from app import engine`` imports app.engine.
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name | ast.Attribute)
+            and (getattr(node.func, "id", None) or getattr(node.func, "attr", None))
+            in ("__import__", "import_module")
+        ):
+            names.add("<dynamic import>")
+    return names
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_the_packages_exist() -> None:
+    for package in ("core", "engine", "store", "transport"):
+        assert modules(package), package
+    assert {module_name(path) for path in modules("core")} >= {
+        "app.core",
+        "app.core.events",
+        "app.core.ids",
+        "app.core.log",
+        "app.core.snapshot",
+    }
+
+
+def test_imported_names_sees_every_kind_of_import(tmp_path: Path) -> None:
+    package = tmp_path / "app" / "core"
+    package.mkdir(parents=True)
+    module = package / "probe.py"
+    module.write_text(
+        "import os.path\n"
+        "from . import events\n"
+        "from .log import EventLog\n"
+        "from .. import engine\n"
+        "def f():\n"
+        "    import asyncio\n"
+        "    return __import__('socket')\n",
+        encoding="utf-8",
+    )
+    names = imported_names(module, tmp_path)
+    assert {
+        "os.path",
+        "app.core",
+        "app.core.events",
+        "app.core.log",
+        "app.core.log.EventLog",
+        "app",
+        "app.engine",
+        "asyncio",
+        "<dynamic import>",
+    } <= names
+
+
+@pytest.mark.parametrize("path", modules("core"), ids=module_name)
+def test_core_imports_only_pure_modules(path: Path) -> None:
+    names = imported_names(path)
+    forbidden = {name for name in names if any(within(name, bad) for bad in CORE_FORBIDDEN)}
+    assert not forbidden, f"{module_name(path)} imports {sorted(forbidden)}"
+    outside = {
+        name
+        for name in names
+        if not within(name, "app.core") and name.split(".")[0] not in CORE_ALLOWED
+    }
+    assert not outside, f"{module_name(path)} imports {sorted(outside)} (not on the allow-list)"
+
+
+def test_the_allow_list_forbids_what_it_must() -> None:
+    assert not CORE_ALLOWED & {name.split(".")[0] for name in CORE_FORBIDDEN}
+
+
+@pytest.mark.parametrize("path", modules("engine"), ids=module_name)
+def test_engine_does_not_import_transport(path: Path) -> None:
+    bad = {name for name in imported_names(path) if within(name, "app.transport")}
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", modules("store"), ids=module_name)
+def test_store_does_not_import_engine_or_transport(path: Path) -> None:
+    bad = {
+        name
+        for name in imported_names(path)
+        if within(name, "app.engine") or within(name, "app.transport")
+    }
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
