@@ -110,7 +110,7 @@ def within(name: str, prefix: str) -> bool:
 
 
 def test_the_packages_exist() -> None:
-    for package in ("core", "engine", "store", "transport"):
+    for package in ("core", "engine", "store", "transport", "agents"):
         assert modules(package), package
     assert {module_name(path) for path in modules("core")} >= {
         "app.core",
@@ -167,8 +167,12 @@ def test_the_allow_list_forbids_what_it_must() -> None:
 
 
 @pytest.mark.parametrize("path", modules("engine"), ids=module_name)
-def test_engine_does_not_import_transport(path: Path) -> None:
-    bad = {name for name in imported_names(path) if within(name, "app.transport")}
+def test_engine_does_not_import_transport_or_agents(path: Path) -> None:
+    bad = {
+        name
+        for name in imported_names(path)
+        if within(name, "app.transport") or within(name, "app.agents")
+    }
     assert not bad, f"{module_name(path)} imports {sorted(bad)}"
 
 

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.agents.context import RunContext
 from app.errors import BadRequestError, UnknownAgentError
 
 if TYPE_CHECKING:
-    from app.agents.context import RunContext
+    from app.engine.run import LiveRun
 
-AgentFn = Callable[["RunContext"], Coroutine[Any, Any, None]]
+AgentFn = Callable[[RunContext], Coroutine[Any, Any, None]]
 
 
 class AnyInput(BaseModel):
@@ -44,6 +45,10 @@ class Agent:
                 f"invalid input for agent {self.name!r}: {field}: {first['msg']}", field=field
             ) from None
         return model.model_dump(mode="json", exclude_none=True)
+
+    def invoke(self, run: LiveRun, history: list[dict[str, Any]]) -> Coroutine[Any, Any, None]:
+        """The agent's coroutine on ``run``, writing through a fresh RunContext."""
+        return self.fn(RunContext(run, history))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.agents.context import RunContext
-from app.agents.registry import Agent, Registry
 from app.core import events as ev
 from app.core import snapshot
 from app.core.events import JsonObject, RunStatus
 from app.core.ids import new_epoch, new_run_id, new_thread_id
+from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
 from app.engine.run import LiveRun
 from app.errors import (
@@ -50,10 +49,10 @@ class RunManager:
     """Every live run, the thread each belongs to, and their lifecycles."""
 
     def __init__(
-        self, store: Store, registry: Registry, settings: EngineSettings | None = None
+        self, store: Store, agents: AgentCatalog, settings: EngineSettings | None = None
     ) -> None:
         self.store = store
-        self.registry = registry
+        self.agents = agents
         self.settings = settings or EngineSettings()
         self.flusher = Flusher(store, self.settings.flush_interval_s)
         self.runs: dict[str, LiveRun] = {}
@@ -209,7 +208,7 @@ class RunManager:
         """
         if self._closing:
             raise ShuttingDownError("the server is shutting down; no new runs")
-        agent = self.registry.get(agent_name)
+        agent = self.agents.get(agent_name)
         clean_input = agent.validate_input(input)
         if multitask not in MULTITASK_STRATEGIES:
             raise BadRequestError(
@@ -346,7 +345,7 @@ class RunManager:
     # -- supervision --------------------------------------------------------------------
 
     async def _supervise(
-        self, run: LiveRun, agent: Agent, history: list[JsonObject] | None
+        self, run: LiveRun, agent: AgentSpec, history: list[JsonObject] | None
     ) -> None:
         """Run the agent in its own task and end the run with its outcome.
 
@@ -358,8 +357,9 @@ class RunManager:
         run.abandon = loop.create_future()
         if run.stop_reason is None:
             run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
-            ctx = RunContext(run, history)
-            run.agent_task = asyncio.create_task(agent.fn(ctx), name=f"agent {run.run_id}")
+            run.agent_task = asyncio.create_task(
+                agent.invoke(run, history or []), name=f"agent {run.run_id}"
+            )
             await asyncio.wait({run.agent_task, run.abandon}, return_when=asyncio.FIRST_COMPLETED)
         await self._finish(run, self._outcome(run))
 

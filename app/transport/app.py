@@ -39,6 +39,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
+        self.registry = registry
         self.store = SqliteStore(settings.db)
         self.manager = RunManager(
             self.store,

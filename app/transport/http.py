@@ -126,7 +126,9 @@ async def health(request: Request) -> Response:
 
 
 async def agents(request: Request) -> Response:
-    return Json({"agents": [agent.describe() for agent in _manager(request).registry.all()]})
+    return Json(
+        {"agents": [agent.describe() for agent in request.app.state.runtime.registry.all()]}
+    )
 
 
 async def create_run(request: Request) -> Response:
