@@ -7,6 +7,7 @@ layer turns one into an HTTP status, a reply frame or a close code, in one table
 
     RuncastError                      code "internal"
      ├── BadRequestError              "bad_request"        (field)
+ │    └── MalformedError          "bad_request"        (not JSON / not an object: HTTP 400)
      ├── NotFoundError                "not_found"
      ├── UnknownAgentError            "unknown_agent"      (field)
      ├── RunInProgressError           "run_in_progress"    (active_run_id)
@@ -49,6 +50,10 @@ class BadRequestError(RuncastError):
 
     def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
         super().__init__(message, field=field, **details)
+
+
+class MalformedError(BadRequestError):
+    """The frame or body as a whole is unreadable: not JSON, or not a JSON object."""
 
 
 class NotFoundError(RuncastError):

@@ -18,6 +18,7 @@ from typing import Any
 
 from app.agents.context import RunContext
 from app.core.events import Event, JsonObject
+from app.core.turns import Turn
 from app.engine.run import LiveRun
 from app.errors import StoreError
 from app.store.base import RunRecord, RunWrite, ThreadRecord
@@ -104,6 +105,27 @@ class RecordingStore:
 
     async def open(self) -> None:
         await self.inner.open()
+
+    async def write_thread(
+        self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
+    ) -> None:
+        """Thread changes (and the runs they create) are not flushes: not recorded, but
+        held by ``gate`` and failed by ``fail_writes`` as writes are."""
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise StoreError("injected write failure")
+        await self.inner.write_thread(thread, turns, runs)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def load_turns(self, thread_id: str) -> list[Turn]:
+        return await self.inner.load_turns(thread_id)
+
+    async def turn_of_run(self, run_id: str) -> tuple[str, str | None] | None:
+        return await self.inner.turn_of_run(run_id)
 
     async def close(self) -> None:
         await self.inner.close()

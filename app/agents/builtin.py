@@ -21,16 +21,19 @@ class CounterInput(_Input):
 
 
 class DemoInput(_Input):
+    content: str | None = Field(None, description="the user turn it answers (in a thread)")
     prompt: str = Field("Tell me about runcast.", max_length=10_000)
     tokens: int = Field(60, ge=0, le=100_000, description="how many text tokens")
     speed: float = Field(30.0, gt=0, le=100_000, description="tokens per second")
 
 
 class AskInput(_Input):
+    content: str | None = Field(None, description="the user turn it answers (in a thread)")
     prompt: str = Field("What should I say?", max_length=10_000)
 
 
 class EchoInput(_Input):
+    content: str | None = Field(None, description="the user turn it answers (in a thread)")
     text: str | None = Field(None, max_length=1_000_000)
 
 
@@ -57,7 +60,7 @@ _WORDS = (
 
 async def demo(ctx: RunContext) -> None:
     """A scripted assistant: thinks, calls a pretend tool, then streams an answer."""
-    prompt = str(ctx.input.get("prompt", ""))
+    prompt = str(ctx.input.get("content") or ctx.input.get("prompt", ""))
     tokens = int(ctx.input.get("tokens", 60))
     pause_s = 1.0 / float(ctx.input.get("speed", 30.0))
     for word in ("Reading the question", " and planning", " an answer."):
@@ -67,8 +70,14 @@ async def demo(ctx: RunContext) -> None:
     await asyncio.sleep(pause_s * 10)
     await ctx.tool_result("call_1", output={"hits": 3, "top": "runcast design notes"})
     await ctx.usage(input_tokens=len(prompt.split()) + 12)
+    words = _WORDS
+    if ctx.history:
+        # In a thread: answer about the last user message, and say how much it has seen.
+        said = " ".join(prompt.split()[:12])
+        opening = f'You said "{said}". I have seen {len(ctx.history)} turns of this thread.'
+        words = [*opening.split(), *_WORDS]
     for k in range(tokens):
-        word = _WORDS[k % len(_WORDS)]
+        word = words[k % len(words)]
         await ctx.text(word if k == 0 else " " + word)
         await asyncio.sleep(pause_s)
     await ctx.usage(output_tokens=tokens)
@@ -83,9 +92,11 @@ async def ask(ctx: RunContext) -> None:
 async def echo(ctx: RunContext) -> None:
     """Answers with its input text, or the last user turn of its history."""
     text = ctx.input.get("text")
-    if text is None:
+    if text is None and ctx.history:
         users = [turn for turn in ctx.history if turn.get("role") == "user"]
         text = str(users[-1].get("content", "")) if users else ""
+    if text is None:
+        text = ctx.input.get("content") or ""
     history = [{"role": t.get("role"), "content": t.get("content")} for t in ctx.history]
     await ctx.state({"history": history})
     await ctx.text(str(text))

@@ -8,21 +8,26 @@ refuse new runs -> end live runs (grace, then abandon) -> final flush.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from app.core import events as ev
 from app.core import snapshot
+from app.core import turns as turns_
 from app.core.events import JsonObject, RunStatus
-from app.core.ids import new_epoch, new_run_id, new_thread_id
+from app.core.ids import new_epoch, new_run_id, new_thread_id, new_turn_id
 from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
 from app.engine.run import LiveRun
 from app.errors import (
     BadRequestError,
+    ConflictError,
     NotFoundError,
     NotWaitingError,
     RunInProgressError,
@@ -43,6 +48,20 @@ class EngineSettings:
     stop_grace_s: float = 2.0
     shutdown_grace_s: float = 5.0
     linger_s: float = 30.0
+    default_agent: str = "demo"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadChange:
+    """One thread operation: ``kind`` is one of ``turns.OPERATIONS``."""
+
+    kind: str
+    agent: str | None = None
+    input: JsonObject | None = None
+    content: str | None = None
+    turn_id: str | None = None
+    multitask: str = "reject"
+    expected_revision: int | None = None
 
 
 class RunManager:
@@ -57,6 +76,9 @@ class RunManager:
         self.flusher = Flusher(store, self.settings.flush_interval_s)
         self.runs: dict[str, LiveRun] = {}
         self._active: dict[str, str] = {}  # thread_id -> run_id of its active run
+        self._queues: dict[str, collections.deque[LiveRun]] = {}  # queued runs per thread
+        self._revisions: dict[str, int] = {}  # last known revision per thread
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._thread_listeners: dict[str, set[ThreadListener]] = {}
         self._supervisors: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
@@ -151,6 +173,7 @@ class RunManager:
         thread = await self.store.get_thread(thread_id)
         if thread is None:
             raise NotFoundError(f"no thread {thread_id}")
+        self._revisions[thread_id] = thread.revision
         return thread
 
     def thread_info(self, thread: ThreadRecord) -> JsonObject:
@@ -175,19 +198,39 @@ class RunManager:
             if not listeners:
                 del self._thread_listeners[thread_id]
 
-    def _notify_thread(self, run: LiveRun, change: str, revision: int = 0) -> None:
-        listeners = self._thread_listeners.get(run.thread_id)
+    def _notify_thread(self, thread_id: str, change: str, run: LiveRun | None = None) -> None:
+        listeners = self._thread_listeners.get(thread_id)
         if not listeners:
             return
-        frame = {
+        frame: JsonObject = {
             "type": "thread",
-            "thread_id": run.thread_id,
+            "thread_id": thread_id,
             "change": change,
-            "run": run.info(),
-            "revision": revision,
+            "revision": self._revisions.get(thread_id, 0),
         }
+        if run is not None:
+            frame["run"] = run.info()
         for listener in list(listeners):
             listener(frame)
+
+    async def thread_view(self, thread: ThreadRecord, *, all_turns: bool = False) -> JsonObject:
+        """ThreadInfo with ``turns``: the active path, or every turn with ``all_turns``.
+
+        An assistant turn of a run in memory shows the run's current text and status.
+        """
+        turns = {
+            t.turn_id: self._live_turn(t) for t in await self.store.load_turns(thread.thread_id)
+        }
+        shown = turns.values() if all_turns else turns_.active_path(turns, thread.head)
+        return {**self.thread_info(thread), "turns": [turn.to_dict() for turn in shown]}
+
+    def _live_turn(self, turn: turns_.Turn) -> turns_.Turn:
+        run = self.runs.get(turn.run_id or "")
+        if run is None:
+            return turn
+        return dataclasses.replace(
+            turn, content=run.state["message"]["content"], status=run.status.value
+        )
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -198,58 +241,188 @@ class RunManager:
         *,
         thread_id: str | None = None,
         multitask: str = "reject",
-        history: list[JsonObject] | None = None,
     ) -> LiveRun:
-        """Create a run, persist it, and start its agent; returns once it is on disk.
+        """Start a run of ``agent_name`` on ``input`` (no turns); a new thread if none.
+
+        Returns once the run is on disk (it may be ``queued`` with ``enqueue``).
 
         Raises:
             ShuttingDownError, UnknownAgentError, BadRequestError (input, multitask),
             NotFoundError (thread), RunInProgressError (the thread is busy, ``reject``).
         """
-        if self._closing:
-            raise ShuttingDownError("the server is shutting down; no new runs")
+        self._check_open()
         agent = self.agents.get(agent_name)
-        clean_input = agent.validate_input(input)
-        if multitask not in MULTITASK_STRATEGIES:
+        agent.validate_input(input)  # before a thread is created for nothing
+        if thread_id is None:
+            thread_id = (await self.create_thread()).thread_id
+        change = ThreadChange("start", agent=agent_name, input=input, multitask=multitask)
+        _, run = await self.change_thread(thread_id, change)
+        assert run is not None
+        return run
+
+    async def change_thread(
+        self, thread_id: str, change: ThreadChange
+    ) -> tuple[ThreadRecord, LiveRun | None]:
+        """Apply a thread operation (PROTOCOL.md §6) and start its run, if it has one.
+
+        Everything is decided before anything changes; then the thread's row, its new
+        turns and the new run are written in one transaction before this returns.
+
+        Raises:
+            ConflictError (stale ``expected_revision``), RunInProgressError (busy thread,
+            ``reject``), NotFoundError (thread or turn), BadRequestError (nothing to act on,
+            bad input, bad multitask), UnknownAgentError, ShuttingDownError.
+        """
+        self._check_open()
+        if change.multitask not in MULTITASK_STRATEGIES:
             raise BadRequestError(
                 f"multitask must be one of {', '.join(MULTITASK_STRATEGIES)}", field="multitask"
             )
-        if thread_id is None:
-            thread_id = (await self.create_thread()).thread_id
-        else:
-            await self.get_thread(thread_id)
-        active = self._active.get(thread_id)
-        if active is not None:
-            if multitask == "reject":
-                raise RunInProgressError(thread_id, active)
+        starts_run = change.kind in turns_.RUN_OPERATIONS
+        if change.multitask == "enqueue" and not starts_run:
             raise BadRequestError(
-                f"multitask {multitask!r} is not supported yet; use 'reject'", field="multitask"
+                f"multitask 'enqueue' applies to operations that start a run, not {change.kind}",
+                field="multitask",
             )
-        run_id = new_run_id()
-        # Reserve the thread before the first await, so two starts cannot both win.
-        self._active[thread_id] = run_id
-        run = LiveRun(
-            run_id=run_id,
+        agent = self.agents.get(change.agent or self.settings.default_agent) if starts_run else None
+        async with self._thread_lock(thread_id):
+            thread = await self.get_thread(thread_id)
+            if change.expected_revision is not None and change.expected_revision != thread.revision:
+                raise ConflictError(
+                    f"thread {thread_id} is at revision {thread.revision}",
+                    expected_revision=change.expected_revision,
+                    actual_revision=thread.revision,
+                )
+            active = self.runs.get(self._active.get(thread_id, ""))
+            if active is not None and change.multitask == "reject":
+                raise RunInProgressError(thread_id, active.run_id)
+            turns = {turn.turn_id: turn for turn in await self.store.load_turns(thread_id)}
+            head = thread.head
+            if active is not None and change.multitask == "rollback":
+                head = await self._head_before(active, turns, head)
+            new_head, plan = turns_.plan_operation(
+                change.kind, turns, head, turn_id=change.turn_id, content=change.content
+            )
+            run_input: JsonObject = {}
+            if agent is not None:
+                if change.kind == "start":
+                    run_input = agent.validate_input(change.input or {})
+                else:
+                    assert plan is not None
+                    question = plan.user_content
+                    if question is None:
+                        assert isinstance(plan.parent, str)
+                        question = turns[plan.parent].content
+                    run_input = agent.validate_input({"content": question})
+            # Decided; from here on the change is applied.
+            now = time.time()
+            bump = change.kind != "start" or new_head != thread.head
+            updated = dataclasses.replace(
+                thread,
+                revision=thread.revision + (1 if bump else 0),
+                head=new_head,
+                updated_at=now if bump else thread.updated_at,
+            )
+            run: LiveRun | None = None
+            new_turns: list[turns_.Turn] = []
+            history: list[JsonObject] = []
+            if agent is not None:
+                run = self._new_run(thread_id, agent.name, run_input, now)
+                if active is None:
+                    new_turns, head_after, history = _materialize(updated, turns, plan, run, now)
+                    updated = dataclasses.replace(updated, head=head_after)
+                else:
+                    run.plan = plan
+                    run.go = asyncio.get_running_loop().create_future()
+            # Once the write has begun, it and the bookkeeping after it finish even if the
+            # caller goes away: what is on disk is also what is in memory.
+            await asyncio.shield(
+                self._apply_change(updated, new_turns, run, agent, history, active, change, bump)
+            )
+        if active is not None and change.multitask in ("interrupt", "rollback"):
+            # Answer once the change has taken effect: the active run ended, and the new
+            # run (if any) started with its turns on the active path.
+            async with asyncio.timeout(self.settings.stop_grace_s + 5.0):
+                await active.wait_ended()
+                if run is not None:
+                    await run.wait_started()
+            return await self.get_thread(thread_id), run
+        return updated, run
+
+    async def _apply_change(
+        self,
+        updated: ThreadRecord,
+        new_turns: list[turns_.Turn],
+        run: LiveRun | None,
+        agent: AgentSpec | None,
+        history: list[JsonObject],
+        active: LiveRun | None,
+        change: ThreadChange,
+        bump: bool,
+    ) -> None:
+        """Write a decided thread change, then register its run and stop the active one."""
+        thread_id = updated.thread_id
+        await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
+        self._revisions[thread_id] = updated.revision
+        if run is not None:
+            assert agent is not None
+            run.mark_flushed(0)
+            self.runs[run.run_id] = run
+            if active is None:
+                self._active[thread_id] = run.run_id
+            else:
+                queue = self._queues.setdefault(thread_id, collections.deque())
+                if change.multitask == "enqueue":
+                    queue.append(run)
+                else:
+                    queue.appendleft(run)
+            self._spawn_supervisor(run, agent, history)
+        if active is not None and change.multitask in ("interrupt", "rollback"):
+            self._request_stop(active, reason="stop", by=change.multitask)
+        if bump:
+            self._notify_thread(thread_id, "updated", run)
+
+    async def _head_before(
+        self, run: LiveRun, turns: dict[str, turns_.Turn], head: str | None
+    ) -> str | None:
+        """The head with ``run``'s user and assistant turns taken off the active path."""
+        own = await self.store.turn_of_run(run.run_id)
+        if own is None:
+            return head
+        _, question_id = own
+        if question_id is None or question_id not in turns:
+            return head
+        return turns[question_id].parent_id
+
+    def _new_run(self, thread_id: str, agent: str, input: JsonObject, now: float) -> LiveRun:
+        return LiveRun(
+            run_id=new_run_id(),
             thread_id=thread_id,
-            agent=agent.name,
-            input=clean_input,
+            agent=agent,
+            input=input,
             epoch=new_epoch(),
-            created_at=time.time(),
+            created_at=now,
             on_dirty=self.flusher.mark_dirty,
         )
-        try:
-            await self.flusher.commit(run)
-        except BaseException:
-            del self._active[thread_id]
-            raise
-        self.runs[run_id] = run
-        task = asyncio.create_task(self._supervise(run, agent, history), name=f"run {run_id}")
+
+    def _spawn_supervisor(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
+        task = asyncio.create_task(self._supervise(run, agent, history), name=f"run {run.run_id}")
         run.task = task
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
-        logger.info("run_id=%s started agent=%s thread_id=%s", run_id, agent.name, thread_id)
-        self._notify_thread(run, "run_started")
-        return run
+        logger.info(
+            "run_id=%s created agent=%s thread_id=%s", run.run_id, agent.name, run.thread_id
+        )
+
+    def _thread_lock(self, thread_id: str) -> asyncio.Lock:
+        lock = self._locks.get(thread_id)
+        if lock is None:
+            lock = self._locks[thread_id] = asyncio.Lock()
+        return lock
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ShuttingDownError("the server is shutting down; no new runs")
 
     async def get(self, run_id: str) -> LiveRun:
         """The run, from memory or read back from the store.
@@ -307,8 +480,14 @@ class RunManager:
             return
         run.stop_reason = reason
         run.stop_by = by
-        if run.agent_task is not None:
-            run.agent_task.cancel()
+        queue = self._queues.get(run.thread_id)
+        if queue is not None and run in queue:
+            queue.remove(run)
+        if run.agent_task is None:
+            if run.abandon is not None:
+                _resolve(run.abandon)  # nothing to cancel: end it now
+            return
+        run.agent_task.cancel()
         grace_s = self.settings.stop_grace_s if reason == "stop" else self.settings.shutdown_grace_s
         abandon = run.abandon
         if abandon is not None:
@@ -344,9 +523,7 @@ class RunManager:
 
     # -- supervision --------------------------------------------------------------------
 
-    async def _supervise(
-        self, run: LiveRun, agent: AgentSpec, history: list[JsonObject] | None
-    ) -> None:
+    async def _supervise(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
         """Run the agent in its own task and end the run with its outcome.
 
         The agent's failure is caught here, once: the run ends ``failed`` and no other run
@@ -355,13 +532,34 @@ class RunManager:
         """
         loop = asyncio.get_running_loop()
         run.abandon = loop.create_future()
+        if run.stop_reason is not None:
+            _resolve(run.abandon)
+        if run.go is not None:  # queued: wait for the thread's turn, or a stop
+            await asyncio.wait({run.go, run.abandon}, return_when=asyncio.FIRST_COMPLETED)
+            if run.stop_reason is None:
+                history = await self._begin(run)
         if run.stop_reason is None:
             run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
+            self._notify_thread(run.thread_id, "run_started", run)
             run.agent_task = asyncio.create_task(
-                agent.invoke(run, history or []), name=f"agent {run.run_id}"
+                agent.invoke(run, history), name=f"agent {run.run_id}"
             )
             await asyncio.wait({run.agent_task, run.abandon}, return_when=asyncio.FIRST_COMPLETED)
         await self._finish(run, self._outcome(run))
+
+    async def _begin(self, run: LiveRun) -> list[JsonObject]:
+        """A queued run's turn has come: write its turns at the head; return its history."""
+        async with self._thread_lock(run.thread_id):
+            thread = await self.get_thread(run.thread_id)
+            turns = {turn.turn_id: turn for turn in await self.store.load_turns(run.thread_id)}
+            now = time.time()
+            new_turns, head, history = _materialize(thread, turns, run.plan, run, now)
+            if new_turns:
+                # Joining the active path when it starts is part of the operation that
+                # queued it; the revision does not change again.
+                updated = dataclasses.replace(thread, head=head, updated_at=now)
+                await self.store.write_thread(updated, new_turns)
+        return history
 
     def _outcome(self, run: LiveRun) -> JsonObject:
         task = run.agent_task
@@ -397,10 +595,24 @@ class RunManager:
         await self.flusher.commit(run)
         run.publish_staged()
         if self._active.get(run.thread_id) == run.run_id:
-            del self._active[run.thread_id]
+            self._hand_over(run.thread_id)
         logger.info("run_id=%s ended %s", run.run_id, data["status"])
-        self._notify_thread(run, "run_ended")
+        self._notify_thread(run.thread_id, "run_ended", run)
         self._schedule_eviction(run)
+
+    def _hand_over(self, thread_id: str) -> None:
+        """The thread's active run ended: the next queued run (if any) becomes active."""
+        queue = self._queues.get(thread_id)
+        if not queue:
+            self._queues.pop(thread_id, None)
+            del self._active[thread_id]
+            return
+        run = queue.popleft()
+        if not queue:
+            del self._queues[thread_id]
+        self._active[thread_id] = run.run_id
+        assert run.go is not None
+        _resolve(run.go)
 
     def _schedule_eviction(self, run: LiveRun) -> None:
         if self._closing:
@@ -416,6 +628,47 @@ class RunManager:
         run = self.runs.get(run_id)
         if run is not None and run.ended and not run.needs_flush:
             del self.runs[run_id]
+
+
+def _materialize(
+    thread: ThreadRecord,
+    turns: dict[str, turns_.Turn],
+    plan: turns_.TurnPlan | None,
+    run: LiveRun,
+    now: float,
+) -> tuple[list[turns_.Turn], str | None, list[JsonObject]]:
+    """The turns ``run`` writes by ``plan``, the head after them, and the history the
+    agent gets: the active path up to and including the user turn it answers."""
+    if plan is None:
+        return [], thread.head, turns_.history(turns_.active_path(turns, thread.head))
+    parent = thread.head if isinstance(plan.parent, turns_.Head) else plan.parent
+    new: list[turns_.Turn] = []
+    if plan.user_content is not None:
+        question = turns_.Turn(
+            new_turn_id(),
+            thread.thread_id,
+            parent,
+            turns_.USER,
+            plan.user_content,
+            None,
+            "completed",
+            now,
+        )
+        new.append(question)
+        parent = question.turn_id
+    answer = turns_.Turn(
+        new_turn_id(),
+        thread.thread_id,
+        parent,
+        turns_.ASSISTANT,
+        "",
+        run.run_id,
+        RunStatus.QUEUED.value,
+        now,
+    )
+    new.append(answer)
+    every = {**turns, **{turn.turn_id: turn for turn in new}}
+    return new, answer.turn_id, turns_.history(turns_.active_path(every, parent))
 
 
 def record_info(record: RunRecord) -> JsonObject:

@@ -21,6 +21,7 @@ from app.core import events as ev
 from app.core import snapshot
 from app.core.events import Event, JsonObject, RunStatus
 from app.core.log import EventLog
+from app.core.turns import TurnPlan
 from app.errors import CursorOutOfRangeError
 from app.store.base import RunRecord, RunWrite
 
@@ -66,6 +67,10 @@ class LiveRun:
         self.stop_reason: str | None = None
         self.abandon: asyncio.Future[None] | None = None
         self.pending_input: tuple[str, asyncio.Future[Any]] | None = None
+        # A queued run: ``go`` resolves when its thread's turn comes; ``plan`` says which
+        # turns it writes then (a TurnPlan; None for a run without turns).
+        self.go: asyncio.Future[None] | None = None
+        self.plan: TurnPlan | None = None
 
     @classmethod
     def from_record(cls, record: RunRecord, events: list[Event]) -> LiveRun:
@@ -133,6 +138,14 @@ class LiveRun:
         Cancellation: always safe.
         """
         await self._ended.wait()
+
+    async def wait_started(self) -> None:
+        """Return once the run has left ``queued`` (its first event) or has ended.
+
+        Cancellation: always safe.
+        """
+        while self.log.last_index == 0 and not self._ended.is_set():
+            await self.wait_after(0)
 
     def poke(self) -> None:
         """Wake every waiting reader without appending (presence changed)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.core.events import Event, JsonObject
+from app.core.turns import Turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,16 @@ class Store(Protocol):
     async def create_thread(self, thread: ThreadRecord) -> None: ...
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None: ...
+
+    async def write_thread(
+        self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
+    ) -> None:
+        """Update the thread's row (revision, head), add turns, write runs: ONE transaction."""
+        ...
+
+    async def load_turns(self, thread_id: str) -> list[Turn]: ...
+
+    async def turn_of_run(self, run_id: str) -> tuple[str, str | None] | None: ...
 
     async def write(self, batch: Sequence[RunWrite]) -> None:
         """Write every run of ``batch`` (rows and events) in ONE transaction."""

@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from app.core.events import TERMINAL_STATUSES, Event, decode, encode
+from app.core.turns import Turn
 from app.errors import StoreError
 from app.store.base import RunRecord, RunWrite, ThreadRecord
 
@@ -50,6 +51,17 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_thread ON runs (thread_id, created_at);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
+CREATE TABLE IF NOT EXISTS turns (
+    turn_id    TEXT PRIMARY KEY,
+    thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
+    parent_id  TEXT,
+    role       TEXT NOT NULL,
+    content    TEXT NOT NULL,
+    run_id     TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_thread ON turns (thread_id, created_at);
+CREATE INDEX IF NOT EXISTS turns_by_run ON turns (run_id);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL,
     i      INTEGER NOT NULL,
@@ -96,6 +108,31 @@ def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
         created_at=row[4],
         updated_at=row[5],
     )
+
+
+def _run_rows(
+    batch: Sequence[RunWrite],
+) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, str]]]:
+    run_rows = []
+    event_rows: list[tuple[str, int, str]] = []
+    for item in batch:
+        record = item.record
+        run_rows.append(
+            (
+                record.run_id,
+                record.thread_id,
+                record.agent,
+                encode(record.input),
+                record.status,
+                record.epoch,
+                record.last_index,
+                encode(record.snapshot),
+                record.created_at,
+                record.updated_at,
+            )
+        )
+        event_rows.extend((record.run_id, event.index, event.json) for event in item.events)
+    return run_rows, event_rows
 
 
 class SqliteStore:
@@ -181,6 +218,75 @@ class SqliteStore:
         )
         return _thread_from_row(rows[0]) if rows else None
 
+    async def write_thread(
+        self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
+    ) -> None:
+        """Update a thread's row, add ``turns`` and write ``runs``, in ONE transaction.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        turn_rows = [
+            (t.turn_id, t.thread_id, t.parent_id, t.role, t.content, t.run_id, t.created_at)
+            for t in turns
+        ]
+        run_rows, event_rows = _run_rows(runs)
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute(
+                    "UPDATE threads SET revision = ?, head = ?, updated_at = ? WHERE thread_id = ?",
+                    (thread.revision, thread.head, thread.updated_at, thread.thread_id),
+                )
+                await db.executemany(
+                    "INSERT INTO turns (turn_id, thread_id, parent_id, role, content, run_id,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    turn_rows,
+                )
+                await db.executemany(_UPSERT_RUN, run_rows)
+                await db.executemany(
+                    "INSERT INTO events (run_id, i, body) VALUES (?, ?, ?)", event_rows
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"write of thread {thread.thread_id} failed: {exc}") from exc
+
+    async def load_turns(self, thread_id: str) -> list[Turn]:
+        """Every turn of the thread, oldest first. An assistant turn's content and status
+        are its run's (as of the run's last flush)."""
+        rows = await self._fetch(
+            "SELECT t.turn_id, t.thread_id, t.parent_id, t.role, t.content, t.run_id,"
+            " t.created_at, r.status, json_extract(r.snapshot, '$.message.content')"
+            " FROM turns t LEFT JOIN runs r ON r.run_id = t.run_id"
+            " WHERE t.thread_id = ? ORDER BY t.created_at, t.rowid",
+            (thread_id,),
+        )
+        return [
+            Turn(
+                turn_id=row[0],
+                thread_id=row[1],
+                parent_id=row[2],
+                role=row[3],
+                content=row[4] if row[5] is None else (row[8] or ""),
+                run_id=row[5],
+                status="completed" if row[5] is None else (row[7] or "queued"),
+                created_at=row[6],
+            )
+            for row in rows
+        ]
+
+    async def turn_of_run(self, run_id: str) -> tuple[str, str | None] | None:
+        """(assistant turn id, its parent id) of the turn ``run_id`` writes, if any."""
+        rows = await self._fetch(
+            "SELECT turn_id, parent_id FROM turns WHERE run_id = ? AND role = 'assistant'",
+            (run_id,),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
     async def write(self, batch: Sequence[RunWrite]) -> None:
         """Write every run of ``batch`` in one transaction (group commit).
 
@@ -189,25 +295,7 @@ class SqliteStore:
         """
         if not batch:
             return
-        run_rows = []
-        event_rows: list[tuple[str, int, str]] = []
-        for item in batch:
-            record = item.record
-            run_rows.append(
-                (
-                    record.run_id,
-                    record.thread_id,
-                    record.agent,
-                    encode(record.input),
-                    record.status,
-                    record.epoch,
-                    record.last_index,
-                    encode(record.snapshot),
-                    record.created_at,
-                    record.updated_at,
-                )
-            )
-            event_rows.extend((record.run_id, event.index, event.json) for event in item.events)
+        run_rows, event_rows = _run_rows(batch)
         db = self.db
         try:
             await db.execute("BEGIN IMMEDIATE")

@@ -49,6 +49,7 @@ class Runtime:
                 stop_grace_s=settings.stop_grace_s,
                 shutdown_grace_s=settings.shutdown_grace_s,
                 linger_s=settings.linger_s,
+                default_agent=settings.default_agent,
             ),
         )
         self.sessions: set[Session] = set()

@@ -17,6 +17,7 @@ from app.engine.manager import RunManager
 from app.errors import (
     BadRequestError,
     CursorOutOfRangeError,
+    MalformedError,
     NotFoundError,
     PayloadTooLargeError,
     RuncastError,
@@ -38,8 +39,8 @@ class Json(JSONResponse):
 
 
 def http_status(error: RuncastError) -> int:
-    # A body that is not JSON (no field to name) is 400; a bad field is 422.
-    if error.code == "bad_request" and "field" not in error.details:
+    # A body that is not JSON or not an object is 400; a bad field is 422.
+    if isinstance(error, MalformedError):
         return 400
     return wire.HTTP_STATUS.get(error.code, 500)
 
@@ -90,9 +91,9 @@ async def _body(request: Request) -> Any:
     try:
         body = decode(raw) if raw else None
     except ValueError:
-        raise BadRequestError("request body is not valid JSON") from None
+        raise MalformedError("request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise BadRequestError("request body must be a JSON object")
+        raise MalformedError("request body must be a JSON object")
     return body
 
 
@@ -210,7 +211,24 @@ async def create_thread(request: Request) -> Response:
 async def get_thread(request: Request) -> Response:
     manager = _manager(request)
     thread = await manager.get_thread(request.path_params["thread_id"])
-    return Json({**manager.thread_info(thread), "turns": []})
+    all_turns = request.query_params.get("all", "").lower() in ("1", "true", "yes")
+    return Json(await manager.thread_view(thread, all_turns=all_turns))
+
+
+async def change_thread(request: Request) -> Response:
+    """POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo} (PROTOCOL.md §6)."""
+    action = request.path_params["action"]
+    model = wire.THREAD_BODIES.get(action)
+    if model is None:
+        raise NotFoundError(f"no thread operation {action!r}")
+    body = wire.parse_model(model, await _body(request), "body")
+    kind = "send" if action == "messages" else action
+    manager = _manager(request)
+    thread, run = await manager.change_thread(
+        request.path_params["thread_id"], wire.thread_change(kind, body)
+    )
+    view = await manager.thread_view(thread)
+    return Json({"thread": view, "run": None if run is None else run.info()})
 
 
 async def openapi(request: Request) -> Response:
@@ -233,6 +251,7 @@ routes = [
     Route("/api/runs/{run_id}/respond", respond, methods=["POST"]),
     Route("/api/threads", create_thread, methods=["POST"]),
     Route("/api/threads/{thread_id}", get_thread),
+    Route("/api/threads/{thread_id}/{action}", change_thread, methods=["POST"]),
     Route("/api/openapi.json", openapi),
     Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
 ]

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.events import Event, JsonObject, decode, encode
-from app.errors import BadRequestError, RuncastError
+from app.engine.manager import ThreadChange
+from app.errors import BadRequestError, MalformedError, RuncastError
 
 PROTOCOL_VERSION: Final = 1
 MAX_EVENTS_PER_FRAME: Final = 1000
@@ -39,6 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 
 Id = Annotated[str, Field(min_length=1, max_length=200)]
 Ref = str | int | float | None
+Content = Annotated[str, Field(max_length=1_000_000)]
 Multitask = Literal["reject", "interrupt", "enqueue", "rollback"]
 
 
@@ -95,6 +97,42 @@ class UnwatchThreadOp(_Op):
     thread_id: Id
 
 
+class _ThreadOp(_Op):
+    thread_id: Id
+    expected_revision: Annotated[int, Field(ge=0)] | None = None
+    multitask: Multitask = "reject"
+
+
+class SendOp(_ThreadOp):
+    op: Literal["send"]
+    content: Content
+    agent: Id | None = None
+
+
+class RewindOp(_ThreadOp):
+    op: Literal["rewind"]
+    turn_id: Id | None
+
+
+class EditOp(_ThreadOp):
+    op: Literal["edit"]
+    turn_id: Id
+    content: Content
+    agent: Id | None = None
+
+
+class RegenerateOp(_ThreadOp):
+    op: Literal["regenerate"]
+    agent: Id | None = None
+
+
+class UndoOp(_ThreadOp):
+    op: Literal["undo"]
+
+
+ThreadOp = SendOp | RewindOp | EditOp | RegenerateOp | UndoOp
+
+
 class PingOp(_Op):
     op: Literal["ping"]
 
@@ -108,6 +146,7 @@ Op = (
     | WatchThreadOp
     | UnwatchThreadOp
     | PingOp
+    | ThreadOp
 )
 
 OPS: Final[dict[str, type[_Op]]] = {
@@ -119,6 +158,11 @@ OPS: Final[dict[str, type[_Op]]] = {
     "watch_thread": WatchThreadOp,
     "unwatch_thread": UnwatchThreadOp,
     "ping": PingOp,
+    "send": SendOp,
+    "rewind": RewindOp,
+    "edit": EditOp,
+    "regenerate": RegenerateOp,
+    "undo": UndoOp,
 }
 
 
@@ -135,6 +179,43 @@ class StartRunBody(_Model):
 class RespondBody(_Model):
     request_id: Id
     value: Any = None
+
+
+class _ThreadBody(_Model):
+    expected_revision: Annotated[int, Field(ge=0)] | None = None
+    multitask: Multitask = "reject"
+
+
+class SendBody(_ThreadBody):
+    content: Content
+    agent: Id | None = None
+
+
+class RewindBody(_ThreadBody):
+    turn_id: Id | None
+
+
+class EditBody(_ThreadBody):
+    turn_id: Id
+    content: Content
+    agent: Id | None = None
+
+
+class RegenerateBody(_ThreadBody):
+    agent: Id | None = None
+
+
+class UndoBody(_ThreadBody):
+    pass
+
+
+THREAD_BODIES: Final[dict[str, type[_ThreadBody]]] = {
+    "messages": SendBody,
+    "rewind": RewindBody,
+    "edit": EditBody,
+    "regenerate": RegenerateBody,
+    "undo": UndoBody,
+}
 
 
 class CreateThreadBody(_Model):
@@ -183,9 +264,9 @@ def parse_op(text: str | bytes) -> tuple[Ref, _Op]:
     try:
         obj = decode(text)
     except ValueError:
-        raise BadRequestError("frame is not valid JSON") from None
+        raise MalformedError("frame is not valid JSON") from None
     if not isinstance(obj, dict):
-        raise BadRequestError("frame must be a JSON object")
+        raise MalformedError("frame must be a JSON object")
     op = obj.get("op")
     model = OPS.get(op) if isinstance(op, str) else None
     if model is None:
@@ -193,6 +274,18 @@ def parse_op(text: str | bytes) -> tuple[Ref, _Op]:
         what = "missing" if op is None else f"unknown op {op!r}"
         raise BadRequestError(f"op is {what}; expected one of {known}", field="op")
     return read_ref(obj), parse_model(model, obj, f"op {op}")
+
+
+def thread_change(kind: str, model: _ThreadOp | _ThreadBody) -> ThreadChange:
+    """The engine's ThreadChange for a thread op frame or body (``kind``: the operation)."""
+    return ThreadChange(
+        kind,
+        agent=getattr(model, "agent", None),
+        content=getattr(model, "content", None),
+        turn_id=getattr(model, "turn_id", None),
+        multitask=model.multitask,
+        expected_revision=model.expected_revision,
+    )
 
 
 # -- server frames ----------------------------------------------------------------------

@@ -71,6 +71,9 @@ class Session:
         self._subscriptions: dict[str, _Subscription] = {}
         self._watches: dict[str, Any] = {}
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        # Held while an op runs and its reply is sent: a thread frame caused by the op (a
+        # run it started) waits, so the reply comes first.
+        self._op_lock = asyncio.Lock()
         self._group: asyncio.TaskGroup | None = None
         self._gone = False
 
@@ -145,6 +148,8 @@ class Session:
     async def _drain_outbox(self) -> None:
         while True:
             text = await self._outbox.get()
+            await self._op_lock.acquire()
+            self._op_lock.release()
             try:
                 await self._send(text)
             except _ConnectionGone:
@@ -153,6 +158,10 @@ class Session:
     # -- ops ----------------------------------------------------------------------------
 
     async def _handle(self, data: str | bytes) -> None:
+        async with self._op_lock:
+            await self._handle_op(data)
+
+    async def _handle_op(self, data: str | bytes) -> None:
         ref: wire.Ref = None
         try:
             ref, op = wire.parse_op(data)
@@ -204,6 +213,12 @@ class Session:
             if listener is not None:
                 manager.unwatch_thread(op.thread_id, listener)
             return {}, None
+        if isinstance(op, wire.ThreadOp):
+            thread, started = await manager.change_thread(
+                op.thread_id, wire.thread_change(op.op, op)
+            )
+            view = await manager.thread_view(thread)
+            return {"thread": view, "run": None if started is None else started.info()}, None
         assert isinstance(op, wire.PingOp), op
         return {"t": time.time()}, None
 
@@ -328,7 +343,7 @@ class Session:
 
             self._watches[thread_id] = listener
             self.manager.watch_thread(thread_id, listener)
-        return {"thread": self.manager.thread_info(thread)}
+        return {"thread": await self.manager.thread_view(thread)}
 
 
 def _ref_of(data: str | bytes) -> wire.Ref:

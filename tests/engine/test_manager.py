@@ -14,7 +14,7 @@ from app.agents.builtin import register_builtins
 from app.agents.registry import Registry
 from app.core import events as ev
 from app.core.events import Event, JsonObject, RunStatus
-from app.engine.manager import EngineSettings, RunManager
+from app.engine.manager import EngineSettings, RunManager, ThreadChange
 from app.engine.run import LiveRun
 from app.errors import (
     BadRequestError,
@@ -219,8 +219,8 @@ async def test_bad_multitask(manager: RunManager) -> None:
         await manager.start("counter", {"n": 1}, multitask="sometimes")
     assert caught.value.details["field"] == "multitask"
     first = await manager.start("hold", {})
-    with pytest.raises(BadRequestError) as caught:
-        await manager.start("counter", {"n": 1}, thread_id=first.thread_id, multitask="enqueue")
+    with pytest.raises(BadRequestError) as caught:  # enqueue is for operations with a run
+        await manager.change_thread(first.thread_id, ThreadChange("undo", multitask="enqueue"))
     assert caught.value.details["field"] == "multitask"
 
 
@@ -230,9 +230,11 @@ async def test_unknown_thread(manager: RunManager) -> None:
     assert manager.runs == {}
 
 
-async def test_a_start_cancelled_before_it_is_on_disk_releases_the_thread(
+async def test_a_start_cancelled_while_it_is_written_still_starts_whole(
     manager: RunManager, store: RecordingStore
 ) -> None:
+    # Once the write has begun, the caller going away changes nothing: the run is on disk,
+    # in memory, active in its thread, and runs to its end.
     thread = await manager.create_thread()
     store.gate = asyncio.Event()
     starting = asyncio.create_task(manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
@@ -242,11 +244,15 @@ async def test_a_start_cancelled_before_it_is_on_disk_releases_the_thread(
     with pytest.raises(asyncio.CancelledError):
         await starting
     assert manager.runs == {}
-    assert manager.thread_info(thread)["active_run_id"] is None
     store.gate.set()
     store.gate = None
-    run = await manager.start("counter", {"n": 1}, thread_id=thread.thread_id)
+    async with asyncio.timeout(5):
+        while not manager.runs:
+            await asyncio.sleep(0)
+    (run,) = manager.runs.values()
+    assert await store.get_run(run.run_id) is not None
     await ended(run)
+    assert manager.thread_info(thread)["active_run_id"] is None
 
 
 async def test_start_is_refused_once_closing(manager: RunManager) -> None:
@@ -310,12 +316,18 @@ async def test_stop_without_by(manager: RunManager) -> None:
     assert last_data(run) == {"status": "stopped"}
 
 
-async def test_stop_right_after_start_never_runs_the_agent(manager: RunManager) -> None:
-    run = await manager.start("hold", {})
+async def test_stopping_a_queued_run_never_runs_the_agent(manager: RunManager) -> None:
+    first = await manager.start("hold", {})
+    run = await manager.start("hold", {}, thread_id=first.thread_id, multitask="enqueue")
     assert manager.stop(run, by="c") == {"stopping": True, "status": "queued"}
     await ended(run)
     assert run_data(run) == [("status", {"status": "stopped", "by": "c"})]
     assert run.agent_task is None
+    assert manager.thread_info(await manager.get_thread(first.thread_id))["active_run_id"] == (
+        first.run_id
+    )
+    manager.stop(first)
+    await ended(first)
 
 
 async def test_stop_of_an_ended_run_is_not_an_error(manager: RunManager) -> None:
@@ -782,7 +794,22 @@ async def test_the_flusher_writes_a_live_run_on_its_own(
 
 
 async def test_echo_gets_its_history_from_start(manager: RunManager) -> None:
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    run = await ended(await manager.start("echo", {}, history=history))
-    assert run.state["message"]["content"] == "hi"
-    assert run.state["data"] == {"history": history}
+    thread = await manager.create_thread()
+    _, first = await manager.change_thread(
+        thread.thread_id, ThreadChange("send", agent="echo", content="hi")
+    )
+    assert first is not None
+    await ended(first)
+    _, run = await manager.change_thread(
+        thread.thread_id, ThreadChange("send", agent="echo", content="again")
+    )
+    assert run is not None
+    await ended(run)
+    assert run.state["message"]["content"] == "again"
+    assert run.state["data"] == {
+        "history": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "again"},
+        ]
+    }

@@ -351,8 +351,10 @@ async def test_busy_thread_is_409_run_in_progress(http: httpx.AsyncClient) -> No
     body = {"agent": "counter", "input": {"n": 1}, "thread_id": run["thread_id"]}
     error = error_of(await http.post("/api/runs", json=body), 409, "run_in_progress")
     assert error["active_run_id"] == run["run_id"]
-    response = await http.post("/api/runs", json={**body, "multitask": "enqueue"})
+    response = await http.post("/api/runs", json={**body, "multitask": "sometimes"})
     assert error_of(response, 422, "bad_request")["field"] == "multitask"
+    queued = await http.post("/api/runs", json={**body, "multitask": "enqueue"})
+    assert queued.status_code == 201 and queued.json()["status"] == "queued"
     await http.post(f"/api/runs/{run['run_id']}/stop")
 
 

@@ -144,6 +144,11 @@ def test_every_op_of_the_protocol_is_known() -> None:
         "watch_thread",
         "unwatch_thread",
         "ping",
+        "send",
+        "rewind",
+        "edit",
+        "regenerate",
+        "undo",
     }
 
 
