@@ -8,13 +8,16 @@ import asyncio
 import logging
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from app import __version__
+from app import __version__, bench
 from app.config import Settings
+from app.errors import StoreError
+from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
 
 logger = logging.getLogger("app")
@@ -42,6 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (RUNCAST_LOG_LEVEL)")
     serve.add_argument("--static-dir", help="directory served at / (RUNCAST_STATIC_DIR)")
+    serve.add_argument(
+        "--linger",
+        dest="linger_s",
+        type=float,
+        help="seconds an ended run stays in memory (RUNCAST_LINGER, 30)",
+    )
+    serve.add_argument(
+        "--tail-events",
+        type=int,
+        help="events of a run kept in memory; older ones page from disk "
+        "(RUNCAST_TAIL_EVENTS, 10000)",
+    )
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    check = db_commands.add_parser(
+        "check", help="integrity: SQLite's own check, contiguous logs, terminal events"
+    )
+    check.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
+    bench_parser = commands.add_parser("bench", help="measure a server (see app/bench.py)")
+    bench.add_arguments(bench_parser)
     return parser
 
 
@@ -99,8 +122,37 @@ async def serve(settings: Settings) -> None:
     await serving
 
 
+def check_database(path: Path) -> int:
+    """``runcast db check``: print every problem; exit 0 when there is none."""
+    if not path.exists():
+        print(f"runcast: no database at {path}", file=sys.stderr)
+        return 2
+
+    async def run_check() -> list[str]:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            return await store.check()
+        finally:
+            await store.close()
+
+    try:
+        problems = asyncio.run(run_check())
+    except StoreError as exc:
+        print(f"runcast: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem)
+    print(f"{path}: {'ok' if not problems else f'{len(problems)} problems'}")
+    return 0 if not problems else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
+    if args.command == "db":
+        return check_database(Settings.from_env({"db": args.db}).db)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     if flags.get("agents"):
         flags["agents"] = tuple(flags["agents"])

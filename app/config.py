@@ -31,6 +31,9 @@ class Settings(BaseModel):
     stop_grace_s: float = Field(2.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
     linger_s: float = Field(30.0, ge=0)
+    tail_events: int = Field(10_000, ge=100)
+    keyframe_every: int = Field(1_000, ge=10)
+    max_unflushed: int = Field(200_000, ge=1_000)
     max_frame_bytes: int = Field(1_048_576, ge=1024)
     max_subscriptions: int = Field(256, ge=1)
     max_thread_watches: int = Field(64, ge=1)
@@ -50,14 +53,15 @@ class Settings(BaseModel):
     ) -> Settings:
         """Settings from ``RUNCAST_<NAME>`` variables, then ``overrides`` (flags) on top.
 
-        ``RUNCAST_AGENTS`` is a comma-separated list of modules.
+        ``RUNCAST_AGENTS`` is a comma-separated list of modules; a setting in seconds
+        (``flush_interval_s``) is also read without its unit (``RUNCAST_FLUSH_INTERVAL``).
         """
         environ = os.environ if env is None else env
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is None and name == "flush_interval_s":
-                raw = environ.get(ENV_PREFIX + "FLUSH_INTERVAL")
+            if raw is None and name.endswith("_s"):  # RUNCAST_FLUSH_INTERVAL, RUNCAST_LINGER
+                raw = environ.get(ENV_PREFIX + name.removesuffix("_s").upper())
             if raw is not None:
                 values[name] = tuple(filter(None, raw.split(","))) if name == "agents" else raw
         for name, value in (overrides or {}).items():

@@ -121,6 +121,12 @@ class RecordingStore:
         async with self._changed:
             self._changed.notify_all()
 
+    async def read_keyframe(self, run_id: str, index: int) -> tuple[int, dict[str, Any]] | None:
+        return await self.inner.read_keyframe(run_id, index)
+
+    async def check(self) -> list[str]:
+        return await self.inner.check()
+
     async def load_turns(self, thread_id: str) -> list[Turn]:
         return await self.inner.load_turns(thread_id)
 

@@ -52,6 +52,7 @@ class RunContext:
         if self._since_yield >= _YIELD_EVERY:
             self._since_yield = 0
             await asyncio.sleep(0)
+            await self._run.throttle()
         return event.index
 
     async def text(self, text: str) -> int:

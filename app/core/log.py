@@ -1,8 +1,10 @@
 """EventLog: a run's indexed, append-only event log (PROTOCOL.md §1).
 
 Index ``i`` lives at position ``i - first_index`` of a list, so reading after a cursor is
-a slice, never a scan. The log knows nothing of waiting: ``engine.run.LiveRun`` adds the
-wake-up.
+a slice, never a scan. A long run keeps only a tail in memory: ``trim_before`` drops the
+oldest events (the engine trims only what is on disk), and ``holds(cursor)`` says whether
+a read after ``cursor`` can be served from memory. The log knows nothing of waiting:
+``engine.run.LiveRun`` adds the wake-up.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from app.core.events import Event, JsonObject
 
 
 class EventLog:
-    """The events of one run in one epoch, indexed from 1 with no gap."""
+    """The events of one run in one epoch, indexed from 1 with no gap; in memory, the
+    events from ``first_index`` to ``last_index``."""
 
     __slots__ = ("_events", "epoch", "first_index")
 
-    def __init__(self, epoch: str, events: Iterable[Event] = ()) -> None:
+    def __init__(self, epoch: str, events: Iterable[Event] = (), first_index: int = 1) -> None:
+        if first_index < 1:
+            raise ValueError(f"first_index must be >= 1, not {first_index}")
         self.epoch = epoch
-        self.first_index = 1
+        self.first_index = first_index
         self._events: list[Event] = []
         for event in events:
             self.add(event)
@@ -48,14 +53,29 @@ class EventLog:
             raise ValueError(f"event index {event.index} does not follow {self.last_index}")
         self._events.append(event)
 
+    def holds(self, cursor: int) -> bool:
+        """True when every event after ``cursor`` is in memory."""
+        return self.first_index - 1 <= cursor <= self.last_index
+
+    def trim_before(self, index: int) -> int:
+        """Drop the events before ``index`` from memory; returns how many were dropped."""
+        count = min(max(0, index - self.first_index), len(self._events))
+        if count:
+            del self._events[:count]
+            self.first_index += count
+        return count
+
     def read_after(self, cursor: int, limit: int | None = None) -> list[Event]:
         """Events with index > ``cursor``, oldest first, at most ``limit`` of them.
 
         Raises:
-            ValueError: ``cursor`` is negative or past the last index.
+            ValueError: ``cursor`` is negative, past the last index, or before the tail
+                held in memory (``holds(cursor)`` is false).
         """
         if cursor < 0 or cursor > self.last_index:
             raise ValueError(f"cursor {cursor} is outside 0..{self.last_index}")
+        if cursor < self.first_index - 1:
+            raise ValueError(f"events after {cursor} are no longer in memory")
         start = cursor + 1 - self.first_index
         stop = len(self._events) if limit is None else start + limit
         return self._events[start:stop]

@@ -24,7 +24,7 @@ from app.core.events import JsonObject, RunStatus
 from app.core.ids import new_epoch, new_run_id, new_thread_id, new_turn_id
 from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
-from app.engine.run import LiveRun
+from app.engine.run import LiveRun, Retention
 from app.errors import (
     BadRequestError,
     ConflictError,
@@ -49,6 +49,9 @@ class EngineSettings:
     shutdown_grace_s: float = 5.0
     linger_s: float = 30.0
     default_agent: str = "demo"
+    tail_events: int = 10_000
+    keyframe_every: int = 1_000
+    max_unflushed: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,13 @@ class RunManager:
         self.agents = agents
         self.settings = settings or EngineSettings()
         self.flusher = Flusher(store, self.settings.flush_interval_s)
+        self.retention = Retention(
+            store=store,
+            commit=self.flusher.commit,
+            tail_events=self.settings.tail_events,
+            keyframe_every=self.settings.keyframe_every,
+            max_unflushed=self.settings.max_unflushed,
+        )
         self.runs: dict[str, LiveRun] = {}
         self._active: dict[str, str] = {}  # thread_id -> run_id of its active run
         self._queues: dict[str, collections.deque[LiveRun]] = {}  # queued runs per thread
@@ -403,6 +413,7 @@ class RunManager:
             epoch=new_epoch(),
             created_at=now,
             on_dirty=self.flusher.mark_dirty,
+            retention=self.retention,
         )
 
     def _spawn_supervisor(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
@@ -436,10 +447,11 @@ class RunManager:
         record = await self.store.get_run(run_id)
         if record is None:
             raise NotFoundError(f"no run {run_id}")
-        events = await self.store.read_events(run_id, 0, None)
+        tail_from = max(0, record.last_index - self.settings.tail_events)
+        tail = await self.store.read_events(run_id, tail_from, None)
         run = self.runs.get(run_id)  # another reader may have loaded it meanwhile
         if run is None:
-            run = LiveRun.from_record(record, events)
+            run = LiveRun.from_record(record, tail, self.retention)
             self.runs[run_id] = run
             self._schedule_eviction(run)
         return run

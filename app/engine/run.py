@@ -14,18 +14,37 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from app.core import events as ev
 from app.core import snapshot
-from app.core.events import Event, JsonObject, RunStatus
+from app.core.events import Event, JsonObject, RunStatus, decode, encode
 from app.core.log import EventLog
 from app.core.turns import TurnPlan
 from app.errors import CursorOutOfRangeError
-from app.store.base import RunRecord, RunWrite
+from app.store.base import RunRecord, RunWrite, Store
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of a run stays in memory, and where the rest is read from.
+
+    Only events already on disk leave memory: a run keeps its last ``tail_events`` (plus
+    a quarter, so trimming is amortized), and reads before them page from ``store``. A
+    keyframe (the state at an index) is kept every ``keyframe_every`` events, so the state
+    at any index costs at most that many folds. Past ``max_unflushed`` events not yet on
+    disk, an agent's appends wait for the flusher (``commit``).
+    """
+
+    store: Store | None = None
+    commit: Callable[[LiveRun], Awaitable[None]] | None = None
+    tail_events: int = 10_000
+    keyframe_every: int = 1_000
+    max_unflushed: int = 200_000
 
 
 class LiveRun:
@@ -42,6 +61,7 @@ class LiveRun:
         created_at: float,
         clock: Clock = time.time,
         on_dirty: Callable[[LiveRun], None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
@@ -50,6 +70,7 @@ class LiveRun:
         self.created_at = created_at
         self.updated_at = created_at
         self.log = EventLog(epoch)
+        self.retention = retention or Retention()
         self.state: JsonObject = snapshot.initial_state()
         self.watchers = 0
         self._clock = clock
@@ -60,6 +81,7 @@ class LiveRun:
         self.flushed_index = 0
         self.record_flushed = False
         self.staged: Event | None = None
+        self.keyframes: list[tuple[int, str]] = []  # not yet on disk: (index, state JSON)
         # Task bookkeeping, owned by the manager.
         self.task: asyncio.Task[None] | None = None
         self.agent_task: asyncio.Task[Any] | None = None
@@ -73,8 +95,11 @@ class LiveRun:
         self.plan: TurnPlan | None = None
 
     @classmethod
-    def from_record(cls, record: RunRecord, events: list[Event]) -> LiveRun:
-        """A run read back from the store, already ended (served to late readers)."""
+    def from_record(
+        cls, record: RunRecord, tail: list[Event], retention: Retention | None = None
+    ) -> LiveRun:
+        """A run read back from the store with the ``tail`` of its log (its last events);
+        reads before the tail page from the store."""
         run = cls(
             run_id=record.run_id,
             thread_id=record.thread_id,
@@ -82,9 +107,10 @@ class LiveRun:
             input=record.input,
             epoch=record.epoch,
             created_at=record.created_at,
+            retention=retention,
         )
-        for event in events:
-            run.log.add(event)
+        first = tail[0].index if tail else record.last_index + 1
+        run.log = EventLog(record.epoch, tail, first_index=first)
         run.state = record.snapshot
         run.updated_at = record.updated_at
         run.flushed_index = run.log.last_index
@@ -121,6 +147,24 @@ class LiveRun:
             raise CursorOutOfRangeError(cursor, self.log.last_index)
         return self.log.read_after(cursor, limit)
 
+    async def read_page(self, cursor: int, limit: int) -> list[Event]:
+        """Events after ``cursor``, at most ``limit``: from memory, or from the store when
+        ``cursor`` is older than the tail in memory. Every event before the tail is on
+        disk, so a reader paging from disk joins the tail with no gap and no duplicate.
+
+        Raises:
+            CursorOutOfRangeError: ``cursor`` is past the last index.
+
+        Cancellation: safe; nothing is consumed.
+        """
+        if self.log.holds(cursor):
+            return self.log.read_after(cursor, limit)
+        if cursor > self.log.last_index or cursor < 0:
+            raise CursorOutOfRangeError(cursor, self.log.last_index)
+        store = self.retention.store
+        assert store is not None, f"run {self.run_id} trimmed its log with no store"
+        return await store.read_events(self.run_id, cursor, limit)
+
     async def wait_after(self, cursor: int) -> None:
         """Return once an event after ``cursor`` exists, the run has ended, or ``poke``.
 
@@ -153,26 +197,47 @@ class LiveRun:
         if wakeup is not None:
             wakeup.set()
 
-    def snapshot_at(self, index: int | None = None) -> JsonObject:
-        """The run's state after events 1..``index`` (default: the last index).
+    async def snapshot_at(self, index: int | None = None) -> JsonObject:
+        """The run's state after events 1..``index`` (default: the last index), folded
+        from the nearest keyframe at or before ``index``: O(keyframe_every), not O(index).
 
         Raises:
             CursorOutOfRangeError: ``index`` is past the last index (field ``at``).
+
+        Cancellation: safe.
         """
         last = self.log.last_index
         if index is None or index == last:
             return self.state
         if index < 0 or index > last:
             raise CursorOutOfRangeError(index, last, field="at")
-        return snapshot.fold(self.log.read_after(0, index))
+        base, state = await self._keyframe(index)
+        cursor = base
+        while cursor < index:
+            events = await self.read_page(cursor, min(index - cursor, 10_000))
+            for event in events:
+                snapshot.apply(state, event.type, event.data)
+            cursor = events[-1].index
+        return state
 
-    def snapshot_frame(self, index: int | None = None) -> JsonObject:
+    async def _keyframe(self, index: int) -> tuple[int, JsonObject]:
+        """The newest keyframe at or before ``index`` (a fresh state object)."""
+        for at, state_json in reversed(self.keyframes):
+            if at <= index:
+                return at, decode(state_json)
+        store = self.retention.store
+        found = await store.read_keyframe(self.run_id, index) if store is not None else None
+        if found is None:
+            return 0, snapshot.initial_state()
+        return found
+
+    async def snapshot_frame(self, index: int | None = None) -> JsonObject:
         at = self.log.last_index if index is None else index
         return {
             "run_id": self.run_id,
             "index": at,
             "epoch": self.epoch,
-            "state": self.snapshot_at(at),
+            "state": await self.snapshot_at(at),
         }
 
     def info(self) -> JsonObject:
@@ -208,8 +273,26 @@ class LiveRun:
         event = self.log.append(type, data, self._clock())
         snapshot.apply(self.state, type, data)
         self.updated_at = event.ts
+        if event.index % self.retention.keyframe_every == 0:
+            self.keyframes.append((event.index, encode(self.state)))
         self._changed()
         return event
+
+    @property
+    def backlog(self) -> int:
+        """Events appended but not yet on disk."""
+        return self.log.last_index - self.flushed_index
+
+    async def throttle(self) -> None:
+        """Wait while more than ``max_unflushed`` events are not on disk: when the store
+        is slower than the agent (or failing), the agent slows down instead of memory
+        growing without bound.
+
+        Cancellation: safe; the events stay in memory and are written later.
+        """
+        commit = self.retention.commit
+        if commit is not None and self.backlog > self.retention.max_unflushed:
+            await commit(self)
 
     def stage_terminal(self, data: JsonObject) -> Event:
         """Build the terminal status event; readers see it only after ``publish_staged``."""
@@ -262,11 +345,18 @@ class LiveRun:
             created_at=self.created_at,
             updated_at=updated_at,
         )
-        return RunWrite(record=record, events=events)
+        return RunWrite(record=record, events=events, keyframes=list(self.keyframes))
 
     def mark_flushed(self, index: int) -> None:
+        """Everything up to ``index`` is on disk: forget written keyframes, and trim the
+        log to its tail (only events on disk leave memory)."""
         self.flushed_index = max(self.flushed_index, index)
         self.record_flushed = True
+        if self.keyframes and self.keyframes[0][0] <= self.flushed_index:
+            self.keyframes = [kf for kf in self.keyframes if kf[0] > self.flushed_index]
+        tail = self.retention.tail_events
+        if len(self.log) > tail + tail // 4:
+            self.log.trim_before(min(self.flushed_index + 1, self.log.last_index - tail + 1))
 
     @property
     def needs_flush(self) -> bool:

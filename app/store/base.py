@@ -48,6 +48,7 @@ class RunWrite:
 
     record: RunRecord
     events: Sequence[Event] = field(default_factory=tuple)
+    keyframes: Sequence[tuple[int, str]] = field(default_factory=tuple)  # (index, state JSON)
 
 
 class Store(Protocol):
@@ -80,6 +81,14 @@ class Store(Protocol):
     ) -> list[RunRecord]: ...
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]: ...
+
+    async def read_keyframe(self, run_id: str, index: int) -> tuple[int, JsonObject] | None:
+        """The newest keyframe at or before ``index``: (its index, the state there)."""
+        ...
+
+    async def check(self) -> list[str]:
+        """Integrity problems of the stored data, as sentences; empty when clean."""
+        ...
 
     async def live_runs(self) -> list[RunRecord]:
         """Runs whose stored status is not terminal (at start: those the crash cut off)."""

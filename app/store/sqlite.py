@@ -7,9 +7,10 @@ so reading them back costs no re-encoding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,53 +23,70 @@ from app.store.base import RunRecord, RunWrite, ThreadRecord
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+_META = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS threads (
-    thread_id  TEXT PRIMARY KEY,
-    metadata   TEXT NOT NULL,
-    revision   INTEGER NOT NULL DEFAULT 0,
-    head       TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id     TEXT PRIMARY KEY,
-    thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
-    agent      TEXT NOT NULL,
-    input      TEXT NOT NULL,
-    status     TEXT NOT NULL,
-    epoch      TEXT NOT NULL,
-    last_index INTEGER NOT NULL,
-    snapshot   TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_by_thread ON runs (thread_id, created_at);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
-CREATE TABLE IF NOT EXISTS turns (
-    turn_id    TEXT PRIMARY KEY,
-    thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
-    parent_id  TEXT,
-    role       TEXT NOT NULL,
-    content    TEXT NOT NULL,
-    run_id     TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS turns_by_thread ON turns (thread_id, created_at);
-CREATE INDEX IF NOT EXISTS turns_by_run ON turns (run_id);
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL,
-    i      INTEGER NOT NULL,
-    body   TEXT NOT NULL,
-    PRIMARY KEY (run_id, i)
-) WITHOUT ROWID;
 """
+
+# Each entry upgrades the schema by one version; a file at version v gets entries v.. in
+# order, each in its own transaction. Append, never edit: files in the field went
+# through the old entries as they were.
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: threads, runs and their events
+    """
+    CREATE TABLE IF NOT EXISTS threads (
+        thread_id  TEXT PRIMARY KEY,
+        metadata   TEXT NOT NULL,
+        revision   INTEGER NOT NULL DEFAULT 0,
+        head       TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id     TEXT PRIMARY KEY,
+        thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
+        agent      TEXT NOT NULL,
+        input      TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        epoch      TEXT NOT NULL,
+        last_index INTEGER NOT NULL,
+        snapshot   TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS runs_by_thread ON runs (thread_id, created_at);
+    CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
+    CREATE TABLE IF NOT EXISTS events (
+        run_id TEXT NOT NULL,
+        i      INTEGER NOT NULL,
+        body   TEXT NOT NULL,
+        PRIMARY KEY (run_id, i)
+    ) WITHOUT ROWID;
+    """,
+    # 2: turns of threads; keyframes (snapshots every K events) of long runs
+    """
+    CREATE TABLE IF NOT EXISTS turns (
+        turn_id    TEXT PRIMARY KEY,
+        thread_id  TEXT NOT NULL REFERENCES threads(thread_id),
+        parent_id  TEXT,
+        role       TEXT NOT NULL,
+        content    TEXT NOT NULL,
+        run_id     TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS turns_by_thread ON turns (thread_id, created_at);
+    CREATE INDEX IF NOT EXISTS turns_by_run ON turns (run_id);
+    CREATE TABLE IF NOT EXISTS keyframes (
+        run_id TEXT NOT NULL,
+        i      INTEGER NOT NULL,
+        state  TEXT NOT NULL,
+        PRIMARY KEY (run_id, i)
+    ) WITHOUT ROWID;
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _RUN_COLUMNS = (
     "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at, updated_at"
@@ -162,9 +180,10 @@ class SqliteStore:
             await self.db.execute("PRAGMA foreign_keys=ON")
             # The version is read before the schema is touched: a newer runcast's file is
             # refused as it is, not given this version's tables first.
+            await self.db.executescript(_META)
             version = await self._schema_version()
             if version <= SCHEMA_VERSION:
-                await self.db.executescript(_SCHEMA)
+                await self._migrate(version)
         except sqlite3.Error as exc:
             await self.close()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
@@ -174,11 +193,17 @@ class SqliteStore:
                 f"database {self.path} has schema version {version}, newer than this "
                 f"runcast understands ({SCHEMA_VERSION}); upgrade runcast"
             )
-        if version < SCHEMA_VERSION:
-            await self.db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+
+    async def _migrate(self, version: int) -> None:
+        """Bring a file at schema ``version`` to SCHEMA_VERSION, one step a transaction."""
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await self.db.executescript(
+                f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}"
+                f" INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '{target}');"
+                " COMMIT;"
             )
+            if version > 0:
+                logger.info("database %s upgraded to schema version %d", self.path, target)
 
     async def _schema_version(self) -> int:
         """The file's schema version; 0 for a new file (no ``meta`` table yet)."""
@@ -230,30 +255,17 @@ class SqliteStore:
             (t.turn_id, t.thread_id, t.parent_id, t.role, t.content, t.run_id, t.created_at)
             for t in turns
         ]
-        run_rows, event_rows = _run_rows(runs)
-        db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.execute(
-                    "UPDATE threads SET revision = ?, head = ?, updated_at = ? WHERE thread_id = ?",
-                    (thread.revision, thread.head, thread.updated_at, thread.thread_id),
-                )
-                await db.executemany(
-                    "INSERT INTO turns (turn_id, thread_id, parent_id, role, content, run_id,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    turn_rows,
-                )
-                await db.executemany(_UPSERT_RUN, run_rows)
-                await db.executemany(
-                    "INSERT INTO events (run_id, i, body) VALUES (?, ?, ?)", event_rows
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"write of thread {thread.thread_id} failed: {exc}") from exc
+        async with self._transaction(f"write of thread {thread.thread_id}") as db:
+            await db.execute(
+                "UPDATE threads SET revision = ?, head = ?, updated_at = ? WHERE thread_id = ?",
+                (thread.revision, thread.head, thread.updated_at, thread.thread_id),
+            )
+            await db.executemany(
+                "INSERT INTO turns (turn_id, thread_id, parent_id, role, content, run_id,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                turn_rows,
+            )
+            await self._write_runs(db, runs)
 
     async def load_turns(self, thread_id: str) -> list[Turn]:
         """Every turn of the thread, oldest first. An assistant turn's content and status
@@ -295,22 +307,42 @@ class SqliteStore:
         """
         if not batch:
             return
-        run_rows, event_rows = _run_rows(batch)
+        async with self._transaction(f"write of {len(batch)} runs") as db:
+            await self._write_runs(db, batch)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One IMMEDIATE transaction: committed when the block ends, rolled back if it
+        raises. Raises: StoreError (with the sqlite3 error as its cause)."""
         db = self.db
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
-                await db.executemany(_UPSERT_RUN, run_rows)
-                if event_rows:
-                    await db.executemany(
-                        "INSERT INTO events (run_id, i, body) VALUES (?, ?, ?)", event_rows
-                    )
+                yield db
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StoreError(f"write of {len(batch)} runs failed: {exc}") from exc
+            raise StoreError(f"{what} failed: {exc}") from exc
+
+    @staticmethod
+    async def _write_runs(db: aiosqlite.Connection, batch: Sequence[RunWrite]) -> None:
+        """Rows, new events and new keyframes of ``batch``; inside a transaction."""
+        run_rows, event_rows = _run_rows(batch)
+        await db.executemany(_UPSERT_RUN, run_rows)
+        if event_rows:
+            await db.executemany(
+                "INSERT INTO events (run_id, i, body) VALUES (?, ?, ?)", event_rows
+            )
+        keyframe_rows = [
+            (item.record.run_id, index, state) for item in batch for index, state in item.keyframes
+        ]
+        if keyframe_rows:
+            await db.executemany(
+                "INSERT OR REPLACE INTO keyframes (run_id, i, state) VALUES (?, ?, ?)",
+                keyframe_rows,
+            )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
@@ -341,6 +373,45 @@ class SqliteStore:
             (run_id, after, -1 if limit is None else limit),
         )
         return [Event.from_json(row[0]) for row in rows]
+
+    async def read_keyframe(self, run_id: str, index: int) -> tuple[int, dict[str, Any]] | None:
+        rows = await self._fetch(
+            "SELECT i, state FROM keyframes WHERE run_id = ? AND i <= ? ORDER BY i DESC LIMIT 1",
+            (run_id, index),
+        )
+        return (rows[0][0], decode(rows[0][1])) if rows else None
+
+    async def check(self) -> list[str]:
+        """SQLite's own integrity check, then runcast's: every run's log is contiguous
+        from 1 to its last index, and every ended run ends with its terminal event."""
+        problems = [
+            f"sqlite: {row[0]}"
+            for row in await self._fetch("PRAGMA integrity_check", ())
+            if row[0] != "ok"
+        ]
+        rows = await self._fetch(
+            "SELECT r.run_id, r.status, r.last_index, count(e.i), min(e.i), max(e.i)"
+            " FROM runs r LEFT JOIN events e ON e.run_id = r.run_id GROUP BY r.run_id",
+            (),
+        )
+        terminal = {status.value for status in TERMINAL_STATUSES}
+        ended = []
+        for run_id, status, last_index, count, first, last in rows:
+            if count != last_index or (count and (first != 1 or last != last_index)):
+                problems.append(
+                    f"run {run_id}: events are not contiguous from 1 to {last_index}"
+                    f" ({count} events, {first}..{last})"
+                )
+            elif status in terminal:
+                ended.append((run_id, status, last_index))
+        for run_id, status, last_index in ended:
+            rows = await self._fetch(
+                "SELECT body FROM events WHERE run_id = ? AND i = ?", (run_id, last_index)
+            )
+            event = Event.from_json(rows[0][0]) if rows else None
+            if event is None or event.type != "status" or event.data.get("status") != status:
+                problems.append(f"run {run_id}: {status}, but its last event is not that status")
+        return problems
 
     async def live_runs(self) -> list[RunRecord]:
         marks = ", ".join("?" for _ in _TERMINAL)

@@ -50,6 +50,9 @@ class Runtime:
                 shutdown_grace_s=settings.shutdown_grace_s,
                 linger_s=settings.linger_s,
                 default_agent=settings.default_agent,
+                tail_events=settings.tail_events,
+                keyframe_every=settings.keyframe_every,
+                max_unflushed=settings.max_unflushed,
             ),
         )
         self.sessions: set[Session] = set()

@@ -159,7 +159,7 @@ async def get_run(request: Request) -> Response:
 async def get_snapshot(request: Request) -> Response:
     run = await _manager(request).get(request.path_params["run_id"])
     at = _int_param(request, "at", None)
-    return Json(run.snapshot_frame(at))
+    return Json(await run.snapshot_frame(at))
 
 
 async def get_events(request: Request) -> Response:
@@ -181,7 +181,7 @@ async def get_events(request: Request) -> Response:
         )
     limit = _int_param(request, "limit", 1000, lo=1)
     assert limit is not None
-    events = run.read_after(after, min(limit, MAX_PAGE))
+    events = await run.read_page(after, min(limit, MAX_PAGE))
     head = encode({"last_index": run.last_index, "status": run.status.value, "epoch": run.epoch})
     body = f'{head[:-1]},"events":[{",".join(e.json for e in events)}]}}'
     return Response(body, media_type="application/json")

@@ -20,7 +20,7 @@ async def event_stream(run: LiveRun, cursor: int) -> AsyncIterator[str]:
 
     yield "retry: 1000\n\n"
     while True:
-        events = run.read_after(cursor, MAX_EVENTS_PER_FRAME)
+        events = await run.read_page(cursor, MAX_EVENTS_PER_FRAME)
         if events:
             yield "".join(f"id: {e.index}\nevent: {e.type}\ndata: {e.json}\n\n" for e in events)
             cursor = events[-1].index

@@ -230,14 +230,14 @@ class Session:
         if op.epoch is not None and op.epoch != run.epoch:
             # The client holds a log that a crash may have rewritten: start it over.
             preamble.append(wire.reset_frame(run.run_id, run.epoch))
-            preamble.append(wire.snapshot_frame(run.snapshot_frame(last)))
+            preamble.append(wire.snapshot_frame(await run.snapshot_frame(last)))
             cursor = last
         else:
             cursor = last if op.after == "latest" else int(op.after)
             if cursor > last:
                 raise CursorOutOfRangeError(cursor, last)
             if op.snapshot:
-                preamble.append(wire.snapshot_frame(run.snapshot_frame(cursor)))
+                preamble.append(wire.snapshot_frame(await run.snapshot_frame(cursor)))
         await self._unsubscribe(op.run_id)
         return self._attach(run, cursor=cursor, presence=op.presence, preamble=preamble)
 
@@ -309,7 +309,7 @@ class Session:
                         await self._send(wire.presence_frame(run.run_id, run.watchers))
                 else:
                     wait_s = None
-                events = run.read_after(subscription.cursor, wire.MAX_EVENTS_PER_FRAME)
+                events = await run.read_page(subscription.cursor, wire.MAX_EVENTS_PER_FRAME)
                 if events:
                     await self._send(wire.events_frame(run.run_id, run.epoch, events))
                     subscription.cursor = events[-1].index

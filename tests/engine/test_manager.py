@@ -236,6 +236,10 @@ async def test_a_start_cancelled_while_it_is_written_still_starts_whole(
     # Once the write has begun, the caller going away changes nothing: the run is on disk,
     # in memory, active in its thread, and runs to its end.
     thread = await manager.create_thread()
+    started = asyncio.Event()
+    manager.watch_thread(
+        thread.thread_id, lambda frame: frame["change"] == "run_started" and started.set()
+    )
     store.gate = asyncio.Event()
     starting = asyncio.create_task(manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
     async with asyncio.timeout(2):
@@ -247,8 +251,7 @@ async def test_a_start_cancelled_while_it_is_written_still_starts_whole(
     store.gate.set()
     store.gate = None
     async with asyncio.timeout(5):
-        while not manager.runs:
-            await asyncio.sleep(0)
+        await started.wait()
     (run,) = manager.runs.values()
     assert await store.get_run(run.run_id) is not None
     await ended(run)
@@ -626,8 +629,8 @@ async def test_get_reads_a_run_not_in_memory_back_from_the_store(
     assert run.ended and run.status == RunStatus.COMPLETED
     assert (run.epoch, run.last_index) == ("e0", 3)
     assert [e.index for e in run.read_after(0)] == [1, 2, 3]
-    assert run.snapshot_at()["message"]["content"] == "partial"
-    assert run.snapshot_at(2)["message"]["content"] == "p"
+    assert (await run.snapshot_at())["message"]["content"] == "partial"
+    assert (await run.snapshot_at(2))["message"]["content"] == "p"
     assert await manager.get("run_old") is run
     async with asyncio.timeout(0):
         await run.wait_ended()

@@ -231,7 +231,7 @@ async def test_terminal_event_is_invisible_until_published() -> None:
     run = make_run(clock, dirty)
     run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
     run.append(ev.TEXT, {"text": "hi"})
-    before = run.snapshot_at()["status"]
+    before = (await run.snapshot_at())["status"]
     clock.advance(1.0)
 
     staged = run.stage_terminal(ev.status_data(RunStatus.COMPLETED))
@@ -291,17 +291,17 @@ async def test_snapshot_at_folds_earlier_indexes_and_refuses_out_of_range() -> N
     run = running()
     run.append(ev.TEXT, {"text": "a"})
     run.append(ev.TEXT, {"text": "b"})
-    assert run.snapshot_at()["message"]["content"] == "ab"
-    assert run.snapshot_at(3) is run.state
-    assert run.snapshot_at(2)["message"]["content"] == "a"
-    assert run.snapshot_at(0)["status"] == "queued"
+    assert (await run.snapshot_at())["message"]["content"] == "ab"
+    assert (await run.snapshot_at(3)) is run.state
+    assert (await run.snapshot_at(2))["message"]["content"] == "a"
+    assert (await run.snapshot_at(0))["status"] == "queued"
     for bad in (-1, 4):
         with pytest.raises(CursorOutOfRangeError) as caught:
-            run.snapshot_at(bad)
+            (await run.snapshot_at(bad))
         assert caught.value.details["field"] == "at"
-    frame = run.snapshot_frame(2)
+    frame = await run.snapshot_frame(2)
     assert (frame["run_id"], frame["index"], frame["epoch"]) == ("run_1", 2, "e1")
-    assert run.snapshot_frame()["index"] == 3
+    assert (await run.snapshot_frame())["index"] == 3
 
 
 async def test_info_is_run_info_of_the_protocol() -> None:
