@@ -80,17 +80,21 @@ class RecordingStore:
             )
             for item in batch
         ]
+        await self._before_write()
+        await self.inner.write(batch)
+        if summary:
+            self.batches.append(summary)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _before_write(self) -> None:
+        """Hold the write at ``gate`` if set; fail it if ``fail_writes`` says so."""
         if self.gate is not None:
             self.entered.set()
             await self.gate.wait()
         if self.fail_writes:
             self.fail_writes -= 1
             raise StoreError("injected write failure")
-        await self.inner.write(batch)
-        if summary:
-            self.batches.append(summary)
-        async with self._changed:
-            self._changed.notify_all()
 
     def written(self, run_id: str) -> list[WrittenRun]:
         """Every recorded part of ``run_id``, oldest first."""
@@ -111,12 +115,7 @@ class RecordingStore:
     ) -> None:
         """Thread changes (and the runs they create) are not flushes: not recorded, but
         held by ``gate`` and failed by ``fail_writes`` as writes are."""
-        if self.gate is not None:
-            self.entered.set()
-            await self.gate.wait()
-        if self.fail_writes:
-            self.fail_writes -= 1
-            raise StoreError("injected write failure")
+        await self._before_write()
         await self.inner.write_thread(thread, turns, runs)
         async with self._changed:
             self._changed.notify_all()

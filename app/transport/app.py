@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import fields
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -44,15 +45,9 @@ class Runtime:
         self.manager = RunManager(
             self.store,
             registry,
+            # Every engine setting has a field of the same name in Settings.
             EngineSettings(
-                flush_interval_s=settings.flush_interval_s,
-                stop_grace_s=settings.stop_grace_s,
-                shutdown_grace_s=settings.shutdown_grace_s,
-                linger_s=settings.linger_s,
-                default_agent=settings.default_agent,
-                tail_events=settings.tail_events,
-                keyframe_every=settings.keyframe_every,
-                max_unflushed=settings.max_unflushed,
+                **{field.name: getattr(settings, field.name) for field in fields(EngineSettings)}
             ),
         )
         self.sessions: set[Session] = set()
