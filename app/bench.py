@@ -64,6 +64,9 @@ class ExactlyOnceError(BenchError):
     """A watcher received an index twice, out of order, or missed one."""
 
 
+FAILURES: list[ExactlyOnceError] = []  # every exactness error seen; any one fails the bench
+
+
 def _digits(start: int, stop: int) -> list[bytes]:
     """The decimal encodings of ``start .. stop - 1`` (the indexes a frame must carry)."""
     if stop > len(_DIGITS):
@@ -113,13 +116,14 @@ class Target:
 
 
 def _spawn(
-    argv: list[str], env: dict[str, str], nofile: int
+    argv: list[str], env: dict[str, str], nofile: int, cwd: str | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``argv``, wait for its first stdout line (which names its port)."""
     process = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         env=env,
+        cwd=cwd,
         preexec_fn=lambda: _raise_nofile(nofile),
     )
     assert process.stdout is not None
@@ -141,17 +145,23 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def runcast_server(args: argparse.Namespace, workdir: Path) -> Iterator[Target]:
-    """The server under test: ``--url``, or ``python -m app serve`` in a child process."""
+def runcast_server(
+    args: argparse.Namespace, workdir: Path, source: str | None = None
+) -> Iterator[Target]:
+    """The server under test: ``--url``, or ``python -m app serve`` in a child process
+    (from the source tree ``source`` when given: ``--compare``)."""
     if args.url:
         yield Target(args.url, db=Path(args.db) if args.db else None, linger_s=args.linger)
         return
     db = workdir / "bench.db"
+    db.unlink(missing_ok=True)
     env = dict(os.environ)
     env["RUNCAST_LINGER_S"] = str(args.linger)
     env["RUNCAST_LOG_LEVEL"] = "warning"
+    if source is not None:
+        env["PYTHONPATH"] = str(Path(source).resolve())
     argv = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0"]
-    process, line = _spawn([*argv, "--db", str(db)], env, args.nofile)
+    process, line = _spawn([*argv, "--db", str(db)], env, args.nofile, source)
     try:
         match = re.search(r"http://([^\s]+)", line)
         if match is None:
@@ -188,8 +198,11 @@ class Watch:
         "frames",
         "last",
         "last_at",
+        "last_wall",
         "latencies",
         "sizes",
+        "start_ts",
+        "timed_from",
     )
 
     def __init__(self, cursor: int = 0, last: int | None = None) -> None:
@@ -204,6 +217,12 @@ class Watch:
         self.sizes: list[int] = []
         self.latencies: list[float] | None = None
         self.first_frame: asyncio.Future[None] | None = None
+        # Throughput is timed from the server's ts of event ``timed_from`` + 1 (the first
+        # tick: a run's "running" status comes before its start delay) to the wall clock
+        # at the last frame.
+        self.timed_from: int | None = None
+        self.start_ts = 0.0
+        self.last_wall = 0.0
 
     def feed(self, frame: bytes) -> None:
         now = time.perf_counter()
@@ -222,6 +241,13 @@ class Watch:
         self.events += count
         self.sizes.append(count)
         self.cursor = cursor = cursor + count
+        timed_from = self.timed_from
+        if timed_from is not None:
+            self.last_wall = time.time()
+            if not self.start_ts and cursor > timed_from:
+                for event in orjson.loads(frame)["events"]:
+                    if event["i"] == timed_from + 1:
+                        self.start_ts = event["ts"]
         if self.latencies is not None:
             wall = time.time()
             for event in orjson.loads(frame)["events"]:
@@ -244,6 +270,9 @@ class Watch:
             else:
                 self.error = error
                 self.done.set_exception(error)
+                self.done.exception()  # awaited or not: FAILURES keeps exactness errors
+                if isinstance(error, ExactlyOnceError):
+                    FAILURES.append(error)
 
 
 class Conn:
@@ -373,8 +402,10 @@ class Row:
 @dataclass
 class Report:
     rows: list[Row] = field(default_factory=list)
+    label: str = ""
 
     def add(self, scenario: str, case: str, **figures: float | int | str) -> None:
+        case += self.label
         row = Row(scenario, case, figures)
         self.rows.append(row)
         print(f"  {scenario:<11} {case:<28} {_figures(figures)}", flush=True)
@@ -426,8 +457,11 @@ async def _measure_fanout(
     await wait_all(watches, 120)
     cpu1 = target.cpu()
     client1 = time.process_time()
-    start = min(w.first_at for w in watches)
-    end = max(w.last_at for w in watches)
+    starts = [w.start_ts for w in watches if w.start_ts]
+    if not starts:
+        raise BenchError("no watcher saw the first timed event")
+    start = min(starts)
+    end = max(w.last_wall for w in watches)
     delivered = sum(w.events for w in watches)
     if delivered != total * len(watches):
         raise BenchError(f"delivered {delivered}, expected {total * len(watches)}")
@@ -459,6 +493,7 @@ async def fanout_runcast(target: Target, n: int, k: int) -> FanoutResult:
         if time.perf_counter() - begun > start_delay_s:
             print(f"  (warning: {k} subscriptions took longer than the start delay)")
         for watch in watches:
+            watch.timed_from = 1
             watch.expect(n + 2)
 
         async def go() -> None:
@@ -474,6 +509,7 @@ async def fanout_reference(target: Target, n: int, k: int, batch: int) -> Fanout
     try:
         watches = [conn.watch("ref") for conn in conns]
         for watch in watches:
+            watch.timed_from = 0
             watch.expect(n)
 
         async def go() -> None:
@@ -483,6 +519,12 @@ async def fanout_reference(target: Target, n: int, k: int, batch: int) -> Fanout
         return await _measure_fanout(target, conns, watches, n, go)
     finally:
         await close_conns(conns)
+
+
+def _ratio(mine: float, reference: float) -> float:
+    """mine / reference; NaN when the reference measured zero (CPU time is counted in
+    10 ms ticks, so a tiny run can show none)."""
+    return mine / reference if reference else float("nan")
 
 
 async def scenario_fanout(args: argparse.Namespace, target: Target, report: Report) -> None:
@@ -505,8 +547,8 @@ async def scenario_fanout(args: argparse.Namespace, target: Target, report: Repo
                         "ref events/s": bare.events_per_s,
                         "ref server µs/ev": bare.server_us,
                         "ref client µs/ev": bare.client_us,
-                        "rate/ref": mine.events_per_s / bare.events_per_s,
-                        "cpu/ref": mine.server_us / bare.server_us,
+                        "rate/ref": _ratio(mine.events_per_s, bare.events_per_s),
+                        "cpu/ref": _ratio(mine.server_us, bare.server_us),
                     }
                 )
             report.add("fanout", f"{k} watchers x {n:,} events", **figures)
@@ -870,17 +912,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an ended run stays in memory (our server; resume from disk)",
     )
     parser.add_argument("--nofile", type=int, default=20_000, help="open-file limit to ask for")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also run each scenario against a server from the source tree DIR",
+    )
 
 
 async def run_bench(args: argparse.Namespace) -> Report:
     report = Report()
     scenarios = args.scenarios or list(SCENARIOS)
     _raise_nofile(args.nofile)
+    sources: list[str | None] = [None, *args.compare]
     with tempfile.TemporaryDirectory(prefix="runcast-bench-") as tmp:
-        with runcast_server(args, Path(tmp)) as target:
-            print(f"runcast bench: {target.ws_url} (server pid {target.pid})", flush=True)
-            for name in scenarios:
-                await _RUNNERS[name](args, target, report)
+        for name in scenarios:
+            for source in sources:
+                # One server per scenario (per source): scenarios do not see each other's runs.
+                with runcast_server(args, Path(tmp), source) as target:
+                    report.label = "" if source is None else f" [{Path(source).name}]"
+                    await _RUNNERS[name](args, target, report)
+                if FAILURES:
+                    raise FAILURES[0]
     return report
 
 

@@ -87,7 +87,10 @@ class _Server(uvicorn.Server):
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runtime: Runtime = app.state.runtime
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it Nagle holds an events frame sent right after a reply for a delayed ACK.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
@@ -98,6 +101,9 @@ async def serve(settings: Settings) -> None:
         ws_max_size=max(16 * 1024 * 1024, 4 * settings.max_frame_bytes),
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        # Events are small JSON frames: compressing them costs server CPU on every send and
+        # a zlib state per connection (hundreds of KB); clients get them uncompressed.
+        ws_per_message_deflate=False,
         lifespan="on",
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )

@@ -15,8 +15,11 @@ from app.core.ids import new_request_id
 from app.engine.run import LiveRun
 
 # Yield to the event loop after this many events in a row, so that an agent emitting
-# as fast as it can does not starve readers, other runs or the flusher.
-_YIELD_EVERY = 64
+# as fast as it can does not starve readers, other runs or the flusher. This sets the
+# batch a reader finds when it wakes: 1,000 (one full frame) against 64 cut server CPU per
+# delivered event at 50 watchers from 0.58 to 0.24 µs and doubled the delivered rate
+# (runcast bench fanout, side by side); a burst holds the loop for about 3 ms.
+_YIELD_EVERY = 1000
 
 
 class RunContext:

@@ -66,6 +66,9 @@ STANDARD_TYPES: Final = frozenset(
 MAX_TYPE_LENGTH: Final = 64
 
 
+_dumps = orjson.dumps
+
+
 def encode(obj: Any) -> str:
     """JSON-encode ``obj`` compactly (UTF-8 text, as every frame of the protocol)."""
     return orjson.dumps(obj).decode()
@@ -95,8 +98,10 @@ class Event:
         self.index = index
         self.type = type
         self.data = data
-        self.ts = round(ts, 6)
-        self.json = encode({"i": index, "type": type, "data": data, "ts": self.ts})
+        # To the microsecond: an integer round and a division cost a quarter of
+        # round(ts, 6), which rounds through decimal digits.
+        self.ts = ts = round(ts * 1_000_000) / 1_000_000
+        self.json = _dumps({"i": index, "type": type, "data": data, "ts": ts}).decode()
 
     @classmethod
     def from_json(cls, text: str) -> Event:

@@ -43,8 +43,9 @@ class EventLog:
 
     def append(self, type: str, data: JsonObject, ts: float) -> Event:
         """Add an event at the next index and return it."""
-        event = self.next_event(type, data, ts)
-        self._events.append(event)
+        events = self._events
+        event = Event(self.first_index + len(events), type, data, ts)
+        events.append(event)
         return event
 
     def add(self, event: Event) -> None:

@@ -75,7 +75,12 @@ class LiveRun:
         self.watchers = 0
         self._clock = clock
         self._on_dirty = on_dirty
+        # Wake-ups, created only when someone waits: ``_wakeup`` for a new event or the
+        # end (every reader), ``_poked`` for those too and for a change of watchers
+        # (readers that send presence). An idle reader without presence is not woken
+        # when other connections join: C joins cost O(C), not O(C^2), wake-ups.
         self._wakeup: asyncio.Event | None = None
+        self._poked: asyncio.Event | None = None
         self._ended = asyncio.Event()
         # Persistence bookkeeping, owned by the flusher.
         self.flushed_index = 0
@@ -165,16 +170,22 @@ class LiveRun:
         assert store is not None, f"run {self.run_id} trimmed its log with no store"
         return await store.read_events(self.run_id, cursor, limit)
 
-    async def wait_after(self, cursor: int) -> None:
-        """Return once an event after ``cursor`` exists, the run has ended, or ``poke``.
+    async def wait_after(self, cursor: int, *, presence: bool = True) -> None:
+        """Return once an event after ``cursor`` exists, the run has ended, or (when
+        ``presence``) ``poke`` was called.
 
         Cancellation: always safe; waiting consumes nothing and changes no state.
         """
         if self.log.last_index > cursor or self._ended.is_set():
             return
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        await self._wakeup.wait()
+        if presence:
+            if self._poked is None:
+                self._poked = asyncio.Event()
+            await self._poked.wait()
+        else:
+            if self._wakeup is None:
+                self._wakeup = asyncio.Event()
+            await self._wakeup.wait()
 
     async def wait_ended(self) -> None:
         """Return once the terminal event is published.
@@ -192,10 +203,23 @@ class LiveRun:
             await self.wait_after(0)
 
     def poke(self) -> None:
-        """Wake every waiting reader without appending (presence changed)."""
-        wakeup, self._wakeup = self._wakeup, None
+        """Wake the readers waiting with ``presence`` without appending (the number of
+        watchers changed)."""
+        poked = self._poked
+        if poked is not None:
+            self._poked = None
+            poked.set()
+
+    def _wake(self) -> None:
+        """Wake every waiting reader (a new event, or the end)."""
+        wakeup = self._wakeup
         if wakeup is not None:
+            self._wakeup = None
             wakeup.set()
+        poked = self._poked
+        if poked is not None:
+            self._poked = None
+            poked.set()
 
     async def snapshot_at(self, index: int | None = None) -> JsonObject:
         """The run's state after events 1..``index`` (default: the last index), folded
@@ -312,10 +336,10 @@ class LiveRun:
         self.updated_at = event.ts
         self.staged = None
         self._ended.set()
-        self.poke()
+        self._wake()
 
     def _changed(self) -> None:
-        self.poke()
+        self._wake()
         if self._on_dirty is not None:
             self._on_dirty(self)
 

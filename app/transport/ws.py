@@ -317,13 +317,14 @@ class Session:
                 if run.ended:
                     return
                 if wait_s is not None and wait_s > 0:
+                    # A presence frame is due after the cooldown: wake for events only.
                     try:
                         async with asyncio.timeout(wait_s):
-                            await run.wait_after(subscription.cursor)
+                            await run.wait_after(subscription.cursor, presence=False)
                     except TimeoutError:
                         pass
                 else:
-                    await run.wait_after(subscription.cursor)
+                    await run.wait_after(subscription.cursor, presence=subscription.presence)
         except _ConnectionGone:
             return
         finally:

@@ -70,7 +70,7 @@ async def test_counter_with_delays() -> None:
 
 
 async def test_a_fast_agent_lets_readers_run_while_it_emits() -> None:
-    run = running(validated("counter", {"n": 1000}))
+    run = running(validated("counter", {"n": 2500}))  # more than one yield's worth
     seen: list[int] = []
 
     async def reader() -> None:
@@ -82,8 +82,8 @@ async def test_a_fast_agent_lets_readers_run_while_it_emits() -> None:
     async with asyncio.timeout(2):
         await counter(RunContext(run))
         await reading
-    assert run.last_index == 1001
-    assert seen and seen[0] < 1001, "the reader woke before the agent was done"
+    assert run.last_index == 2501
+    assert seen and seen[0] < 2501, "the reader woke before the agent was done"
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_event_round_trips_through_its_encoding(
     index: int, type: str, data: dict[str, Any], ts: float
 ) -> None:
     event = Event(index, type, data, ts)
-    assert event.ts == round(ts, 6)
+    assert event.ts == round(event.ts, 6)  # to the microsecond
     assert abs(event.ts - ts) <= 5e-7 + 1e-9 * ts
     decoded = json.loads(event.json)
     assert decoded == {"i": index, "type": type, "data": data, "ts": event.ts}

@@ -1,0 +1,324 @@
+// The runcast page: the shell (connection state, start form, recent runs), the router
+// (#/, #/runs/{run_id}, #/threads/{thread_id}) and the glue between views and the client.
+
+import { RuncastClient } from "./runcast.js";
+import { RunRegistry } from "./model.js";
+import { mountRunView } from "./run-view.js";
+import { mountThreadView } from "./thread-view.js";
+import { errorText, h, schemaForm, shortId, statusBadge, timeAgo } from "./ui.js";
+
+const client = new RuncastClient();
+const runs = new RunRegistry(client);
+
+/** What the views share. */
+const app = {
+  client,
+  runs,
+  agents: [],
+  agentsReady: null,
+  threadId: null, // the current thread: its runs update live in the recent list
+  _threadListeners: new Set(),
+
+  navigate(hash) {
+    if (location.hash === hash) route();
+    else location.hash = hash;
+  },
+
+  /** Stop over the socket; over HTTP when the socket is down. Any tab may stop any run. */
+  async stop(runId) {
+    try {
+      return await client.stop(runId);
+    } catch (err) {
+      if (err.code !== "disconnected") throw err;
+      return client.api(`/api/runs/${runId}/stop`, { method: "POST" });
+    }
+  },
+
+  async respond(runId, requestId, value) {
+    try {
+      return await client.respond(runId, requestId, value);
+    } catch (err) {
+      if (err.code !== "disconnected") throw err;
+      return client.api(`/api/runs/${runId}/respond`, { method: "POST", body: { request_id: requestId, value } });
+    }
+  },
+
+  /** Make `threadId` the current thread: watch it (one watch at a time). */
+  setThread(threadId) {
+    if (!threadId || threadId === app.threadId) return;
+    app._watch?.close();
+    app.threadId = threadId;
+    app._watch = client.watchThread(threadId, {
+      onChange: (frame) => {
+        if (frame.run) noteRun(frame.run);
+        for (const fn of app._threadListeners) fn(frame);
+      },
+      onWatch: (thread) => {
+        for (const fn of app._threadListeners) fn({ type: "watch", thread_id: thread.thread_id, thread });
+      },
+      onError: () => {
+        if (app.threadId !== threadId) return;
+        app.threadId = null; // no such thread: nothing to show as current
+        renderThreadBox();
+        renderStartThreadChoice();
+      },
+    });
+    renderThreadBox();
+    renderStartThreadChoice();
+  },
+
+  /** Listen to the current thread's frames (and re-watch replies); returns an off function. */
+  onThread(fn) {
+    app._threadListeners.add(fn);
+    return () => app._threadListeners.delete(fn);
+  },
+
+  noteRun(info) {
+    noteRun(info);
+    app.setThread(info.thread_id);
+  },
+};
+window.runcast = app; // for the console, and for the browser tests
+
+// -- connection state --------------------------------------------------------------------
+
+const conn = document.getElementById("conn");
+const connLabel = conn.querySelector(".label");
+const retryNow = conn.querySelector("button");
+let countdown = null;
+retryNow.addEventListener("click", () => client.connect());
+
+client.on("state", ({ state, retryAt, attempt }) => {
+  conn.dataset.state = state;
+  clearInterval(countdown);
+  retryNow.hidden = state !== "reconnecting";
+  if (state === "reconnecting") {
+    const tick = () => {
+      const seconds = Math.max(0, (retryAt - Date.now()) / 1000);
+      connLabel.textContent = `Reconnecting in ${seconds.toFixed(1)} s (attempt ${attempt})`;
+    };
+    tick();
+    countdown = setInterval(tick, 100);
+  } else {
+    connLabel.textContent = {
+      idle: "Not connected",
+      connecting: "Connecting…",
+      connected: "Connected",
+      offline: "Offline: waiting for the network",
+      closed: "Closed",
+    }[state];
+  }
+});
+
+client.on("welcome", () => refreshRecent());
+
+// -- recent runs -------------------------------------------------------------------------
+
+const recentList = document.getElementById("recent-runs");
+const recent = new Map(); // run_id -> RunInfo
+
+function noteRun(info) {
+  const known = recent.get(info.run_id);
+  if (known && known.status === info.status && known.updated_at >= info.updated_at) return;
+  recent.set(info.run_id, { ...known, ...info });
+  renderRecent();
+}
+
+async function refreshRecent() {
+  try {
+    const { runs: list } = await client.api("/api/runs", { query: { limit: 20 } });
+    for (const info of list) recent.set(info.run_id, { ...recent.get(info.run_id), ...info });
+    renderRecent();
+  } catch (err) {
+    recentList.replaceChildren(h("li", { class: "hint" }, `Could not list runs: ${errorText(err)}`));
+  }
+}
+
+function renderRecent() {
+  const items = [...recent.values()].sort((a, b) => b.created_at - a.created_at).slice(0, 20);
+  const current = currentRunId();
+  if (!items.length) {
+    recentList.replaceChildren(h("li", { class: "hint" }, "No runs yet."));
+    return;
+  }
+  recentList.replaceChildren(
+    ...items.map((info) =>
+      h(
+        "li",
+        { dataset: { runId: info.run_id }, class: info.thread_id === app.threadId ? "in-thread" : null },
+        h(
+          "a",
+          { href: `#/runs/${info.run_id}`, "aria-current": info.run_id === current ? "page" : null },
+          statusBadge(info.status),
+          h("span", { class: "agent" }, info.agent),
+          h("code", {}, shortId(info.run_id)),
+          h("time", { class: "hint" }, timeAgo(info.created_at)),
+        ),
+      ),
+    ),
+  );
+}
+setInterval(renderRecent, 30_000); // keeps "2 min ago" honest
+
+// -- current thread ----------------------------------------------------------------------
+
+const threadBox = document.getElementById("thread-box");
+
+function renderThreadBox() {
+  if (!app.threadId) {
+    threadBox.replaceChildren(h("p", { class: "hint" }, "Runs you start or open join a thread; its runs update live here."));
+    return;
+  }
+  threadBox.replaceChildren(
+    h(
+      "p",
+      {},
+      "Thread ",
+      h("code", { title: app.threadId }, shortId(app.threadId)),
+      " · ",
+      h("a", { href: `#/threads/${app.threadId}` }, "open as conversation"),
+    ),
+  );
+}
+
+// -- the start form ----------------------------------------------------------------------
+
+const startForm = document.getElementById("start-form");
+const agentSelect = document.getElementById("agent");
+const agentHelp = document.getElementById("agent-help");
+const inputSlot = document.getElementById("agent-input");
+const threadChoice = document.getElementById("thread-choice");
+const startError = document.getElementById("start-error");
+const startButton = document.getElementById("start");
+let inputForm = null;
+
+async function loadAgents() {
+  try {
+    const { agents } = await client.api("/api/agents");
+    app.agents = agents;
+    agentSelect.replaceChildren(...agents.map((a) => h("option", { value: a.name, selected: a.name === "demo" }, a.name)));
+    agentSelect.disabled = false;
+    startButton.disabled = false;
+    renderAgentInput();
+  } catch (err) {
+    agentHelp.textContent = `Could not load agents: ${errorText(err)}`;
+  }
+}
+app.agentsReady = loadAgents();
+
+function renderAgentInput() {
+  const agent = app.agents.find((a) => a.name === agentSelect.value);
+  agentHelp.textContent = agent?.description || "";
+  inputForm = schemaForm(agent?.input_schema || { type: "object", properties: {} }, { prefix: "start" });
+  inputSlot.replaceChildren(inputForm.element);
+}
+agentSelect.addEventListener("change", renderAgentInput);
+
+function renderStartThreadChoice() {
+  if (!app.threadId) {
+    threadChoice.replaceChildren();
+    return;
+  }
+  const checked = threadChoice.querySelector("input[name=thread]:checked")?.value ?? "new";
+  threadChoice.replaceChildren(
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "Thread"),
+      h("label", {}, h("input", { type: "radio", name: "thread", value: "new", checked: checked === "new" }), " a new thread"),
+      h(
+        "label",
+        {},
+        h("input", { type: "radio", name: "thread", value: "current", checked: checked === "current" }),
+        " the current thread ",
+        h("code", {}, shortId(app.threadId)),
+      ),
+      h(
+        "label",
+        { class: "multitask" },
+        "If a run is active there: ",
+        h(
+          "select",
+          { name: "multitask" },
+          ["reject", "interrupt", "enqueue", "rollback"].map((m) => h("option", { value: m }, m)),
+        ),
+      ),
+    ),
+  );
+}
+
+startForm.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  startError.textContent = "";
+  const read = inputForm.read();
+  if (read.error) {
+    startError.textContent = read.error;
+    return;
+  }
+  const options = {};
+  if (threadChoice.querySelector("input[name=thread]:checked")?.value === "current") {
+    options.threadId = app.threadId;
+    options.multitask = threadChoice.querySelector("select[name=multitask]").value;
+  }
+  startButton.disabled = true;
+  try {
+    const { run } = await runs.start(agentSelect.value, read.value, options);
+    noteRun(run);
+    app.navigate(`#/runs/${run.run_id}`);
+  } catch (err) {
+    startError.textContent =
+      err.code === "run_in_progress"
+        ? "A run is active in this thread: stop it, or choose what to do with it."
+        : `Could not start: ${errorText(err)}`;
+  } finally {
+    startButton.disabled = false;
+  }
+});
+
+// -- the router --------------------------------------------------------------------------
+
+const main = document.getElementById("main");
+let unmount = null;
+let firstRoute = true;
+
+function currentRunId() {
+  const m = location.hash.match(/^#\/runs\/([\w-]+)/);
+  return m ? m[1] : null;
+}
+
+function route() {
+  unmount?.();
+  unmount = null;
+  const hash = location.hash || "#/";
+  let m;
+  document.body.dataset.route = "home";
+  if ((m = hash.match(/^#\/runs\/([\w-]+)\/?$/))) {
+    document.body.dataset.route = "run";
+    unmount = mountRunView(main, app, m[1]);
+  } else if ((m = hash.match(/^#\/threads(?:\/([\w-]+))?\/?$/))) {
+    document.body.dataset.route = "thread";
+    unmount = mountThreadView(main, app, m[1] || null);
+  } else {
+    document.title = "runcast";
+    main.replaceChildren(
+      h("h1", { tabindex: "-1" }, "Watch agent runs live"),
+      h(
+        "p",
+        {},
+        "Start a run, then open this page in a second tab: both stream the same run, either can stop it or answer it, ",
+        "and a dropped connection picks up exactly where it left off.",
+      ),
+      h("p", {}, "Or ", h("a", { href: "#/threads" }, "start a conversation"), " with turns you can edit, regenerate and rewind."),
+      hash === "#/" || hash === "#" ? null : h("p", { class: "run-error" }, `Nothing at ${hash}.`),
+    );
+  }
+  runs.collect();
+  renderRecent();
+  if (!firstRoute) main.querySelector("h1")?.focus();
+  firstRoute = false;
+}
+
+window.addEventListener("hashchange", route);
+renderThreadBox();
+route();
+

@@ -1,0 +1,331 @@
+// The run view (#/runs/{run_id}): the message streaming live, status, watchers, usage,
+// Stop, the input form of a run in requires_action, and the replay panel: the raw event
+// log with indexes and a time-travel slider over the snapshot endpoint.
+
+import { eyeIcon, h, json, MessageView, schemaForm, shortId, statusBadge, errorText, timeAgo } from "./ui.js";
+import { initialState, TERMINAL_STATUSES } from "./runcast.js";
+
+const MAX_ROWS = 500; // the inspector shows the latest rows; the slider reaches them all
+// Keyboard: the slider (arrow keys, Home, End) moves through the events; the index
+// buttons in the inspector are for the mouse and stay out of the tab order.
+
+/** Mounts the view of `runId` into `root`; returns a function that unmounts it. */
+export function mountRunView(root, app, runId) {
+  const model = app.runs.acquire(runId);
+  const { client } = app;
+
+  // -- header ----------------------------------------------------------------------------
+  const title = h("h1", { id: "run-title", tabindex: "-1" }, "Run");
+  const badge = h("span", { dataset: { testid: "run-status" }, class: "badge status-queued" }, "queued");
+  const watchers = h("span", { class: "watchers", dataset: { testid: "watchers" }, title: "tabs watching this run" });
+  const usage = h("span", { class: "usage", dataset: { testid: "usage" } });
+  const stop = h("button", { type: "button", class: "danger", dataset: { testid: "stop" }, onclick: onStop }, "Stop");
+  const threadLink = h("a", { class: "thread-link" });
+  const meta = h("p", { class: "meta" }, h("code", { title: runId }, shortId(runId)), " · ", threadLink, " · ", h("span", { class: "created" }));
+  const notice = h("div", { class: "notice", role: "status", "aria-live": "polite" });
+
+  // -- the message and the input form ----------------------------------------------------
+  const message = new MessageView({ testid: "run" });
+  const ending = h("p", { class: "ending", dataset: { testid: "run-ending" } });
+  const inputSlot = h("div", { class: "input-slot" });
+  let inputRequestId = null;
+
+  // -- replay: inspector + time travel ---------------------------------------------------
+  const slider = h("input", {
+    type: "range",
+    min: "0",
+    max: "0",
+    value: "0",
+    step: "1",
+    id: "tt-slider",
+    dataset: { testid: "tt-slider" },
+    "aria-label": "event index",
+    oninput: () => pick(Number(slider.value)),
+  });
+  const ttIndex = h("output", { for: "tt-slider", dataset: { testid: "tt-index" } }, "0");
+  const ttTotal = h("span", {}, "0");
+  const ofIndex = h("span", {}, "0 "); // the slider's position, beside it
+  const live = h("button", { type: "button", class: "small", onclick: () => follow(), "aria-pressed": "true" }, "Live");
+  const back = h("button", { type: "button", class: "small", "aria-label": "previous event", onclick: () => step(-1) }, "◀");
+  const fwd = h("button", { type: "button", class: "small", "aria-label": "next event", onclick: () => step(1) }, "▶");
+  const ttMessage = new MessageView({ testid: "tt", live: false });
+  const ttStatus = h("span", { dataset: { testid: "tt-status" } });
+  const ttJson = h("pre", { class: "json", dataset: { testid: "tt-json" } });
+  const ttPanel = h(
+    "div",
+    { class: "tt-panel", dataset: { testid: "tt-panel" } },
+    h("div", { class: "tt-head" }, h("strong", {}, "Snapshot at "), ttIndex, " ", ttStatus),
+    ttMessage.element,
+    h("details", { class: "tt-raw" }, h("summary", {}, "State as JSON"), ttJson),
+  );
+  const rows = h("tbody", {});
+  const truncated = h("p", { class: "hint", hidden: true });
+  const inspector = h(
+    "div",
+    { class: "inspector", dataset: { testid: "inspector" }, tabindex: "0", "aria-label": "event log" },
+    truncated,
+    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "type"), h("th", {}, "data"), h("th", {}, "+ms"))), rows),
+  );
+  const replay = h(
+    "section",
+    { class: "replay", "aria-labelledby": "replay-title" },
+    h("h2", { id: "replay-title" }, "Replay"),
+    h(
+      "div",
+      { class: "tt-controls" },
+      h("label", { for: "tt-slider" }, "Index"),
+      back,
+      slider,
+      fwd,
+      h("span", { class: "tt-of" }, ofIndex, "of ", ttTotal),
+      live,
+    ),
+    h("div", { class: "replay-grid" }, inspector, ttPanel),
+  );
+
+  const view = h(
+    "article",
+    { class: "run-view", dataset: { testid: "run-view", runId } },
+    h("header", { class: "run-head" }, h("div", { class: "run-title" }, title, badge), h("div", { class: "run-stats" }, watchers, usage, stop)),
+    meta,
+    notice,
+    message.element,
+    ending,
+    inputSlot,
+    replay,
+  );
+  root.replaceChildren(view);
+
+  // The inspector follows new events unless the user scrolled up to read older ones.
+  let stickToBottom = true;
+  inspector.addEventListener("scroll", () => {
+    stickToBottom = inspector.scrollHeight - inspector.scrollTop - inspector.clientHeight < 40;
+  });
+
+  // -- rendering -------------------------------------------------------------------------
+  let following = true;
+  let at = 0; // the slider's index when not following
+  let renderedGeneration = -1;
+  let renderedUpTo = 0; // the last index with a row
+  const rowByIndex = new Map();
+  let firstTs = null;
+
+  function render() {
+    if (model.error) {
+      title.textContent = "Run not found";
+      view.replaceChildren(
+        h("h1", { tabindex: "-1" }, "Run not found"),
+        h(
+          "p",
+          { class: "run-error", role: "alert" },
+          model.error.code === "not_found" ? `There is no run ${runId}.` : errorText(model.error),
+        ),
+        h("p", {}, h("a", { href: "#/" }, "Back to the start page")),
+      );
+      return;
+    }
+    const { state, info } = model;
+    if (info) {
+      title.textContent = info.agent;
+      threadLink.textContent = `thread ${shortId(info.thread_id)}`;
+      threadLink.href = `#/threads/${info.thread_id}`;
+      meta.querySelector(".created").textContent = `started ${timeAgo(info.created_at)}`;
+      app.noteRun(info);
+    }
+    badge.className = `badge status-${state.status}`;
+    badge.textContent = state.status.replace("_", " ");
+    const ended = TERMINAL_STATUSES.has(state.status);
+    const watching = ended || model.watchers === null ? "" : `${model.watchers} watching`;
+    if (watchers.dataset.text !== watching) {
+      watchers.dataset.text = watching;
+      watchers.replaceChildren(...(watching ? [eyeIcon(), watching] : []));
+    }
+    const parts = Object.entries(state.usage).map(([k, v]) => `${k.replace(/_tokens$/, "").replace(/_/g, " ")} ${v}`);
+    usage.textContent = parts.length ? `tokens: ${parts.join(" · ")}` : "";
+    stop.disabled = ended || !info;
+    if (ended && stop.textContent !== "Stop") stop.textContent = "Stop";
+    message.update(state);
+    ending.textContent = endingText(model);
+    renderInput(state);
+    renderReplay();
+    document.title = `${state.status} · ${info?.agent ?? "run"} · runcast`;
+  }
+
+  function renderInput(state) {
+    const pending = state.status === "requires_action" ? state.pending_input : null;
+    if (!pending) {
+      if (inputRequestId !== null) inputSlot.replaceChildren();
+      inputRequestId = null;
+      return;
+    }
+    if (pending.request_id === inputRequestId) return; // keep what the user is typing
+    inputRequestId = pending.request_id;
+    const form = schemaForm(pending.schema || { type: "string" }, { prefix: "input" });
+    const send = h("button", { type: "submit", class: "primary" }, "Send answer");
+    const error = h("p", { class: "run-error", role: "alert" });
+    const el = h(
+      "form",
+      {
+        class: "input-form",
+        dataset: { testid: "input-form" },
+        onsubmit: async (e) => {
+          e.preventDefault();
+          const read = form.read();
+          if (read.error) {
+            error.textContent = read.error;
+            return;
+          }
+          send.disabled = true;
+          send.textContent = "Sending…";
+          try {
+            await app.respond(runId, pending.request_id, read.value);
+            error.textContent = "";
+          } catch (err) {
+            error.textContent = err.code === "not_waiting" ? "This request was already answered." : errorText(err);
+            send.disabled = false;
+            send.textContent = "Send answer";
+          }
+        },
+      },
+      h("p", { class: "prompt" }, h("strong", {}, "The run asks: "), pending.prompt || "input"),
+      form.element,
+      h("div", { class: "actions" }, send),
+      error,
+    );
+    inputSlot.replaceChildren(el);
+  }
+
+  function renderReplay() {
+    const last = model.lastIndex;
+    slider.max = String(last);
+    ttTotal.textContent = String(last);
+    if (renderedGeneration !== model.generation) {
+      renderedGeneration = model.generation;
+      rows.replaceChildren();
+      rowByIndex.clear();
+      renderedUpTo = 0;
+      firstTs = model.events[0]?.ts ?? null;
+    }
+    const fresh = [];
+    for (let k = model.events.length - 1; k >= 0 && model.events[k].i > renderedUpTo; k--) fresh.push(model.events[k]);
+    fresh.reverse();
+    for (const event of fresh) {
+      if (firstTs === null) firstTs = event.ts;
+      const row = h(
+        "tr",
+        { dataset: { i: event.i }, class: `type-${event.type}` },
+        h("td", {}, h("button", { type: "button", class: "link", tabindex: "-1", onclick: () => pick(event.i) }, String(event.i))),
+        h("td", {}, event.type),
+        h("td", {}, h("code", {}, JSON.stringify(event.data))),
+        h("td", { class: "num" }, String(Math.round((event.ts - firstTs) * 1000))),
+      );
+      rows.append(row);
+      rowByIndex.set(event.i, row);
+      renderedUpTo = event.i;
+    }
+    while (rows.childElementCount > MAX_ROWS) {
+      const first = rows.firstElementChild;
+      rowByIndex.delete(Number(first.dataset.i));
+      first.remove();
+    }
+    const hiddenRows = (rows.firstElementChild ? Number(rows.firstElementChild.dataset.i) : 1) - 1;
+    truncated.hidden = hiddenRows <= 0;
+    truncated.textContent = `${hiddenRows} earlier events are not listed; the slider reaches them.`;
+    if (following) {
+      slider.value = String(last);
+      showAt(last, model.state, true);
+      if (fresh.length && stickToBottom) inspector.scrollTop = inspector.scrollHeight;
+    }
+  }
+
+  function showAt(index, state, isLive) {
+    ttIndex.value = String(index);
+    ttIndex.textContent = String(index);
+    ofIndex.textContent = `${index} `;
+    ttPanel.dataset.at = String(index);
+    ttStatus.replaceChildren(statusBadge(state.status), isLive ? h("span", { class: "hint" }, " live") : "");
+    ttMessage.update(state);
+    ttJson.textContent = json(state);
+    live.setAttribute("aria-pressed", String(isLive));
+    for (const row of rows.querySelectorAll("tr.at")) row.classList.remove("at");
+    const row = rowByIndex.get(index);
+    row?.classList.add("at");
+    if (row && !isLive) row.scrollIntoView({ block: "nearest" });
+    rows.classList.toggle("traveling", !isLive);
+    for (const [i, row] of rowByIndex) row.classList.toggle("future", !isLive && i > index);
+  }
+
+  // -- time travel -----------------------------------------------------------------------
+  let fetchSeq = 0;
+  let fetchTimer = null;
+
+  function follow() {
+    following = true;
+    delete ttPanel.dataset.loading;
+    renderReplay();
+  }
+
+  function step(delta) {
+    pick(Math.max(0, Math.min(model.lastIndex, (following ? model.lastIndex : at) + delta)));
+  }
+
+  /** Show the snapshot at `index`, read from GET /api/runs/{id}/snapshot?at=index. */
+  function pick(index) {
+    following = false;
+    at = index;
+    slider.value = String(index);
+    ofIndex.textContent = `${index} `;
+    ttPanel.dataset.loading = "true";
+    clearTimeout(fetchTimer);
+    const seq = ++fetchSeq;
+    fetchTimer = setTimeout(async () => {
+      try {
+        const snap = index === 0 ? { index: 0, state: initialState() } : await client.api(`/api/runs/${runId}/snapshot`, { query: { at: index } });
+        if (seq !== fetchSeq || following) return;
+        delete ttPanel.dataset.loading;
+        showAt(snap.index, snap.state, false);
+      } catch (err) {
+        if (seq !== fetchSeq) return;
+        delete ttPanel.dataset.loading;
+        ttStatus.textContent = errorText(err);
+      }
+    }, 60);
+  }
+
+  // -- actions ---------------------------------------------------------------------------
+  async function onStop() {
+    stop.disabled = true;
+    stop.textContent = "Stopping…";
+    try {
+      const result = await app.stop(runId);
+      if (!result.stopping) notice.textContent = `The run had already ended (${result.status}).`;
+    } catch (err) {
+      notice.textContent = `Stop failed: ${errorText(err)}`;
+      stop.disabled = false;
+      stop.textContent = "Stop";
+    }
+  }
+
+  const off = model.listen(render);
+  render();
+  return () => {
+    off();
+    clearTimeout(fetchTimer);
+    app.runs.release(model);
+  };
+}
+
+/** Why a run ended, from its terminal status event (stopped and interrupted runs). */
+function endingText(model) {
+  const last = model.events[model.events.length - 1];
+  if (!last || last.type !== "status") return "";
+  const data = last.data || {};
+  if (data.status === "stopped") {
+    if (!data.by) return "Stopped.";
+    if (data.by === model.client.connectionId) return "Stopped from this tab.";
+    if (data.by === "http") return "Stopped over HTTP.";
+    return `Stopped from another connection (${shortId(String(data.by))}).`;
+  }
+  if (data.status === "interrupted") return `Interrupted${data.reason ? ` (${data.reason})` : ""}.`;
+  return "";
+}

@@ -1,0 +1,413 @@
+// The conversation view (#/threads/{thread_id}, PROTOCOL.md §6): the active path as
+// turns, the assistant's turn streaming live from its run, edit, regenerate, rewind,
+// undo, and a branch switcher wherever a turn has siblings.
+
+import { TERMINAL_STATUSES } from "./runcast.js";
+import { errorText, h, MessageView, shortId, statusBadge } from "./ui.js";
+
+/** Mounts the conversation `threadId` (null: a page that creates one); returns unmount. */
+export function mountThreadView(root, app, threadId) {
+  if (!threadId) return mountNewThread(root, app);
+  const { client } = app;
+  app.setThread(threadId);
+  document.title = "conversation · runcast";
+
+  let thread = null; // ThreadInfo
+  let turns = new Map(); // turn_id -> turn (every turn, branches included)
+  let children = new Map(); // parent_id ("" for the root) -> [turn], oldest first
+  let path = []; // the active path, oldest first
+  let busy = false;
+  const live = new Map(); // turn_id -> {model, view, off}: assistant turns being written
+
+  const title = h("h1", { tabindex: "-1" }, "Conversation");
+  const revision = h("span", { class: "hint", dataset: { testid: "thread-revision" } });
+  const stop = h("button", { type: "button", class: "danger", hidden: true, onclick: onStop }, "Stop");
+  const undo = h("button", { type: "button", onclick: () => op("undo") }, "Undo last exchange");
+  const notice = h("p", { class: "notice", role: "status", "aria-live": "polite", dataset: { testid: "thread-notice" } });
+  const list = h("ol", { class: "turns", dataset: { testid: "turns" }, "aria-live": "polite" });
+  const agent = h("select", { id: "thread-agent", dataset: { testid: "thread-agent" } }, h("option", { value: "" }, "server default"));
+  const textarea = h("textarea", {
+    id: "composer",
+    rows: 2,
+    required: true,
+    placeholder: "Write a message (Enter sends, Shift+Enter for a new line)",
+    dataset: { testid: "composer" },
+    onkeydown: (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        composer.requestSubmit();
+      }
+    },
+  });
+  const send = h("button", { type: "submit", class: "primary", dataset: { testid: "send" } }, "Send");
+  const composer = h(
+    "form",
+    {
+      class: "composer",
+      onsubmit: async (e) => {
+        e.preventDefault();
+        const content = textarea.value.trim();
+        if (!content) return;
+        if (await op("send", { content, ...agentField() })) textarea.value = "";
+        textarea.focus();
+      },
+    },
+    h("label", { for: "composer", class: "visually-hidden" }, "Message"),
+    textarea,
+    h("div", { class: "actions" }, h("label", { for: "thread-agent" }, "Agent "), agent, send),
+  );
+  const view = h(
+    "article",
+    { class: "thread-view", dataset: { testid: "thread-view", threadId } },
+    h(
+      "header",
+      { class: "run-head" },
+      h("div", { class: "run-title" }, title, h("code", { title: threadId }, shortId(threadId)), revision),
+      h("div", { class: "run-stats" }, stop, undo),
+    ),
+    notice,
+    list,
+    composer,
+  );
+  root.replaceChildren(view);
+
+  app.agentsReady.then(() => {
+    agent.append(...app.agents.map((a) => h("option", { value: a.name }, a.name)));
+  });
+
+  function agentField() {
+    return agent.value ? { agent: agent.value } : {};
+  }
+
+  // -- reading the thread ----------------------------------------------------------------
+  let loading = null;
+  let again = false;
+
+  /** Read the thread with every turn; coalesces calls made while a read is in flight. */
+  function load() {
+    if (loading) {
+      again = true;
+      return loading;
+    }
+    loading = (async () => {
+      try {
+        do {
+          again = false;
+          const body = await client.api(`/api/threads/${threadId}`, { query: { all: "true" } });
+          setThread(body);
+        } while (again);
+      } catch (err) {
+        notice.textContent =
+          err.code === "not_found" ? "There is no such conversation." : `Could not read the conversation: ${errorText(err)}`;
+      } finally {
+        loading = null;
+      }
+    })();
+    return loading;
+  }
+
+  function setThread(body) {
+    thread = body;
+    turns = new Map((body.turns || []).map((t) => [t.turn_id, t]));
+    children = new Map();
+    for (const t of turns.values()) {
+      const key = t.parent_id ?? "";
+      if (!children.has(key)) children.set(key, []);
+      children.get(key).push(t);
+    }
+    for (const siblings of children.values()) siblings.sort(byCreated);
+    path = [];
+    for (let id = body.head; id && turns.has(id); id = turns.get(id).parent_id) path.push(turns.get(id));
+    path.reverse();
+    render();
+  }
+
+  // -- rendering -------------------------------------------------------------------------
+  const rendered = new Map(); // turn_id -> {key, element}: unchanged turns keep their DOM
+
+  function render() {
+    revision.textContent = `revision ${thread.revision}`;
+    revision.dataset.revision = String(thread.revision);
+    stop.hidden = !thread.active_run_id;
+    undo.disabled = !path.some((t) => t.role === "user");
+    const lastAssistant = lastAssistantPosition();
+    const items = path.map((turn, position) => {
+      const siblings = (children.get(turn.parent_id ?? "") || []).filter((t) => t.role === turn.role);
+      const key = JSON.stringify([turn, siblings.map((t) => t.turn_id), position === lastAssistant]);
+      let entry = rendered.get(turn.turn_id);
+      if (!entry || entry.key !== key) {
+        entry = { key, element: renderTurn(turn, siblings, position === lastAssistant) };
+        rendered.set(turn.turn_id, entry);
+      }
+      return entry.element;
+    });
+    const onPath = new Set(path.map((t) => t.turn_id));
+    for (const turnId of rendered.keys()) if (!onPath.has(turnId)) rendered.delete(turnId);
+    for (const [turnId, entry] of live) {
+      if (onPath.has(turnId) && !TERMINAL_STATUSES.has(turns.get(turnId)?.status)) continue;
+      entry.off();
+      app.runs.release(entry.model);
+      live.delete(turnId);
+    }
+    if (!path.length) items.push(h("li", { class: "hint empty" }, "No messages yet. Say something below."));
+    const current = [...list.children];
+    if (items.length === current.length && items.every((el, k) => el === current[k])) return;
+    // Keep the keyboard where it was: the same action on the turn at the same position.
+    const memory = rememberFocus();
+    list.replaceChildren(...items);
+    if (busy) setBusy(true); // new buttons wait for the op too
+    else if (memory && !memory.element.isConnected) restoreFocus(memory);
+  }
+
+  function lastAssistantPosition() {
+    for (let k = path.length - 1; k >= 0; k--) if (path[k].role === "assistant") return k;
+    return -1;
+  }
+
+  function renderTurn(turn, siblings, isLastAssistant) {
+    const position = siblings.findIndex((t) => t.turn_id === turn.turn_id);
+    const switcher =
+      siblings.length > 1
+        ? h(
+            "span",
+            { class: "branches", dataset: { testid: "branch-switcher" }, role: "group", "aria-label": "branches" },
+            h(
+              "button",
+              { type: "button", class: "small", dataset: { action: "previous-branch" }, "aria-label": "previous branch", disabled: position === 0, onclick: () => switchTo(siblings[position - 1]) },
+              "‹",
+            ),
+            h("span", { dataset: { testid: "branch-label" } }, `${position + 1} / ${siblings.length}`),
+            h(
+              "button",
+              { type: "button", class: "small", dataset: { action: "next-branch" }, "aria-label": "next branch", disabled: position === siblings.length - 1, onclick: () => switchTo(siblings[position + 1]) },
+              "›",
+            ),
+          )
+        : null;
+    const running = turn.role === "assistant" && turn.run_id && !TERMINAL_STATUSES.has(turn.status);
+    let body;
+    if (running) {
+      body = liveBody(turn);
+    } else {
+      body = h("div", { class: "content", dataset: { testid: "turn-content" } }, turn.content || "");
+    }
+    const actions = h("div", { class: "turn-actions" });
+    if (turn.role === "user") {
+      actions.append(h("button", { type: "button", class: "small", dataset: { action: "edit" }, onclick: (e) => startEdit(e.target.closest("li"), turn) }, "Edit"));
+    }
+    if (isLastAssistant) {
+      actions.append(
+        h("button", { type: "button", class: "small", dataset: { testid: "regenerate", action: "regenerate" }, onclick: () => op("regenerate", agentField()) }, "Regenerate"),
+      );
+    }
+    actions.append(
+      h("button", { type: "button", class: "small", dataset: { action: "rewind" }, title: "make this turn the end of the conversation", onclick: () => op("rewind", { turn_id: turn.turn_id }) }, "Rewind here"),
+    );
+    if (turn.run_id) actions.append(h("a", { href: `#/runs/${turn.run_id}`, class: "small" }, "run"));
+    return h(
+      "li",
+      { class: `turn role-${turn.role}`, dataset: { testid: "turn", turnId: turn.turn_id, role: turn.role } },
+      h(
+        "div",
+        { class: "turn-head" },
+        h("span", { class: "role" }, turn.role === "user" ? "You" : "Assistant"),
+        switcher,
+        turn.role === "assistant" && turn.status !== "completed" ? statusBadge(turn.status) : null,
+      ),
+      body,
+      actions,
+    );
+  }
+
+  /** The body of an assistant turn whose run is still writing it: streamed from the run. */
+  function liveBody(turn) {
+    let entry = live.get(turn.turn_id);
+    if (!entry) {
+      const model = app.runs.acquire(turn.run_id);
+      const view = new MessageView({ testid: "turn" });
+      const off = model.listen(() => {
+        view.update(model.state);
+        if (model.ended) load(); // the turn's final content and status
+      });
+      entry = { model, view, off };
+      live.set(turn.turn_id, entry);
+      view.update(model.state);
+    }
+    return entry.view.element;
+  }
+
+  function startEdit(item, turn) {
+    const box = h("textarea", { rows: 2, "aria-label": "edited message", dataset: { testid: "edit-box" } }, turn.content);
+    const form = h(
+      "form",
+      {
+        class: "edit-form",
+        onsubmit: async (e) => {
+          e.preventDefault();
+          if (await op("edit", { turn_id: turn.turn_id, content: box.value, ...agentField() })) return;
+          box.focus();
+        },
+        onkeydown: (e) => {
+          if (e.key === "Escape") cancel();
+        },
+      },
+      box,
+      h(
+        "div",
+        { class: "actions" },
+        h("button", { type: "submit", class: "primary", dataset: { testid: "save-edit" } }, "Save and answer"),
+        h("button", { type: "button", onclick: () => cancel() }, "Cancel"),
+      ),
+    );
+    function cancel() {
+      rendered.delete(turn.turn_id); // drop the element holding the form
+      render();
+      list.querySelector(`[data-turn-id="${turn.turn_id}"] [data-action="edit"]`)?.focus();
+    }
+    item.querySelector(".content").replaceWith(form);
+    item.querySelector(".turn-actions").hidden = true;
+    box.focus();
+  }
+
+  /** Show sibling `turn`'s branch: rewind to the newest end of the branch under it. */
+  function switchTo(turn) {
+    let end = turn;
+    for (;;) {
+      const next = children.get(end.turn_id);
+      if (!next?.length) break;
+      end = next[next.length - 1];
+    }
+    return op("rewind", { turn_id: end.turn_id });
+  }
+
+  // -- operations ------------------------------------------------------------------------
+  /** Run a thread op at the revision shown; true when it was applied. */
+  async function op(name, fields = {}) {
+    if (busy || !thread) return false;
+    setBusy(true);
+    notice.textContent = "";
+    try {
+      const result = await client.threadOp(name, threadId, { ...fields, expected_revision: thread.revision });
+      if (result.run) app.noteRun(result.run);
+      await load();
+      return true;
+    } catch (err) {
+      notice.textContent =
+        err.code === "conflict"
+          ? "The conversation changed in another tab; it is up to date now. Try again."
+          : err.code === "run_in_progress"
+            ? "A run is still answering: wait for it, or stop it."
+            : errorText(err);
+      await load();
+      return false;
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  /** While an op and the read after it are under way, its buttons are disabled: a second
+   * click would act on a revision about to change. */
+  let focusMemory = null; // where the keyboard was when the op began
+
+  function setBusy(flag) {
+    if (flag && !busy) focusMemory = rememberFocus();
+    busy = flag;
+    view.setAttribute("aria-busy", String(flag));
+    for (const button of view.querySelectorAll("button")) {
+      if (flag && !button.disabled) {
+        button.disabled = true;
+        button.dataset.busy = "";
+      } else if (!flag && "busy" in button.dataset) {
+        button.disabled = false;
+        delete button.dataset.busy;
+      }
+    }
+    if (!flag && focusMemory) {
+      restoreFocus(focusMemory);
+      focusMemory = null;
+    }
+  }
+
+  /** The focused control as (turn position, action), which survives a re-render. */
+  function rememberFocus() {
+    const focused = document.activeElement;
+    if (!focused || !list.contains(focused)) return null;
+    return { element: focused, at: [...list.children].indexOf(focused.closest("li")), action: focused.dataset.action };
+  }
+
+  function restoreFocus(memory) {
+    if (memory.element.isConnected && !memory.element.disabled) {
+      memory.element.focus();
+      return;
+    }
+    const item = list.children[Math.min(memory.at, list.children.length - 1)];
+    const target =
+      item?.querySelector(`[data-action="${memory.action}"]:not(:disabled)`) || item?.querySelector("button:not(:disabled)");
+    target?.focus();
+  }
+
+  async function onStop() {
+    if (!thread?.active_run_id) return;
+    try {
+      await app.stop(thread.active_run_id);
+    } catch (err) {
+      notice.textContent = `Stop failed: ${errorText(err)}`;
+    }
+  }
+
+  const off = app.onThread((frame) => {
+    if (frame.thread_id === threadId) load();
+  });
+  load();
+  return () => {
+    off();
+    for (const entry of live.values()) {
+      entry.off();
+      app.runs.release(entry.model);
+    }
+    live.clear();
+  };
+}
+
+function byCreated(a, b) {
+  return a.created_at - b.created_at || (a.turn_id < b.turn_id ? -1 : 1);
+}
+
+function mountNewThread(root, app) {
+  document.title = "new conversation · runcast";
+  const error = h("p", { class: "run-error", role: "alert" });
+  const create = h(
+    "button",
+    {
+      type: "button",
+      class: "primary",
+      dataset: { testid: "new-thread" },
+      onclick: async () => {
+        create.disabled = true;
+        try {
+          const thread = await app.client.api("/api/threads", { method: "POST", body: {} });
+          app.navigate(`#/threads/${thread.thread_id}`);
+        } catch (err) {
+          error.textContent = errorText(err);
+          create.disabled = false;
+        }
+      },
+    },
+    "New conversation",
+  );
+  const links = app.threadId
+    ? h("p", {}, "Or continue ", h("a", { href: `#/threads/${app.threadId}` }, `the current thread ${shortId(app.threadId)}`), ".")
+    : null;
+  root.replaceChildren(
+    h(
+      "article",
+      { class: "thread-view" },
+      h("h1", { tabindex: "-1" }, "Conversations"),
+      h("p", {}, "A conversation is a thread of turns: edit a message, regenerate an answer or rewind, and switch between the branches this leaves."),
+      h("p", {}, create),
+      links,
+      error,
+    ),
+  );
+  return () => {};
+}
