@@ -70,7 +70,10 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._subscriptions: dict[str, _Subscription] = {}
         self._watches: dict[str, Any] = {}
-        self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        # Thread frames, drained by a task made with the first watch_thread (most
+        # connections never watch a thread and hold no queue and no task for it).
+        self._outbox: asyncio.Queue[str] | None = None
+        self._outbox_task: asyncio.Task[None] | None = None
         # Held while an op runs and its reply is sent: a thread frame caused by the op (a
         # run it started) waits, so the reply comes first.
         self._op_lock = asyncio.Lock()
@@ -86,14 +89,14 @@ class Session:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                outbox = group.create_task(self._drain_outbox(), name="outbox")
                 try:
                     await self._send(wire.welcome(__version__, self.connection_id))
                     await self._receive_loop()
                 except _ConnectionGone:
                     pass
                 finally:
-                    outbox.cancel()
+                    if self._outbox_task is not None:
+                        self._outbox_task.cancel()
                     for subscription in self._subscriptions.values():
                         if subscription.task is not None:
                             subscription.task.cancel()
@@ -145,9 +148,9 @@ class Session:
                 self._gone = True
                 raise _ConnectionGone from exc
 
-    async def _drain_outbox(self) -> None:
+    async def _drain_outbox(self, outbox: asyncio.Queue[str]) -> None:
         while True:
-            text = await self._outbox.get()
+            text = await outbox.get()
             await self._op_lock.acquire()
             self._op_lock.release()
             try:
@@ -336,6 +339,12 @@ class Session:
             if len(self._watches) >= self.max_thread_watches:
                 raise TooManySubscriptionsError(
                     f"a connection may watch at most {self.max_thread_watches} threads"
+                )
+            if self._outbox is None:
+                assert self._group is not None
+                self._outbox = asyncio.Queue()
+                self._outbox_task = self._group.create_task(
+                    self._drain_outbox(self._outbox), name="outbox"
                 )
             outbox = self._outbox
 
