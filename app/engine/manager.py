@@ -346,7 +346,7 @@ class RunManager:
                     run.go = asyncio.get_running_loop().create_future()
             # Once the write has begun, it and the bookkeeping after it finish even if the
             # caller goes away: what is on disk is also what is in memory.
-            await asyncio.shield(
+            stopped = await asyncio.shield(
                 self._apply_change(updated, new_turns, run, agent, history, active, change, bump)
             )
         if active is not None and change.multitask in ("interrupt", "rollback"):
@@ -354,6 +354,8 @@ class RunManager:
             # run (if any) started with its turns on the active path.
             async with asyncio.timeout(self.settings.stop_grace_s + 5.0):
                 await active.wait_ended()
+                if stopped is not None:
+                    await stopped.wait_ended()
                 if run is not None:
                     await run.wait_started()
             return await self.get_thread(thread_id), run
@@ -369,16 +371,23 @@ class RunManager:
         active: LiveRun | None,
         change: ThreadChange,
         bump: bool,
-    ) -> None:
-        """Write a decided thread change, then register its run and stop the active one."""
+    ) -> LiveRun | None:
+        """Write a decided thread change, then register its run and stop the active one.
+
+        Returns the run it stopped (interrupt, rollback), if any.
+        """
         thread_id = updated.thread_id
         await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
         self._revisions[thread_id] = updated.revision
+        if active is not None:
+            # A run's end does not wait for the thread lock: the active run seen when the
+            # change was decided may have ended since, and a queued one taken its place.
+            active = self.runs.get(self._active.get(thread_id, ""))
         if run is not None:
             assert agent is not None
             run.mark_flushed(0)
             self.runs[run.run_id] = run
-            if active is None:
+            if run.go is None:  # decided on an idle thread: it starts now, turns written
                 self._active[thread_id] = run.run_id
             else:
                 queue = self._queues.setdefault(thread_id, collections.deque())
@@ -386,11 +395,16 @@ class RunManager:
                     queue.append(run)
                 else:
                     queue.appendleft(run)
+                if active is None:  # nothing left to hand the thread over when it ends
+                    self._hand_over(thread_id)
             self._spawn_supervisor(run, agent, history)
+        stopped = None
         if active is not None and change.multitask in ("interrupt", "rollback"):
             self._request_stop(active, reason="stop", by=change.multitask)
+            stopped = active
         if bump:
             self._notify_thread(thread_id, "updated", run)
+        return stopped
 
     async def _head_before(
         self, run: LiveRun, turns: dict[str, turns_.Turn], head: str | None
@@ -562,6 +576,10 @@ class RunManager:
     async def _begin(self, run: LiveRun) -> list[JsonObject]:
         """A queued run's turn has come: write its turns at the head; return its history."""
         async with self._thread_lock(run.thread_id):
+            if run.stop_reason is not None:
+                # Stopped (an interrupt, a rollback) while it waited for the lock: it never
+                # starts, so it writes no turns.
+                return []
             thread = await self.get_thread(run.thread_id)
             turns = {turn.turn_id: turn for turn in await self.store.load_turns(run.thread_id)}
             now = time.time()
