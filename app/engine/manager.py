@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 ThreadListener = Callable[[JsonObject], None]
 
 MULTITASK_STRATEGIES = ("reject", "interrupt", "enqueue", "rollback")
+REVIVED_TAIL = 100  # events read back into memory with a run that was not there
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +462,9 @@ class RunManager:
         record = await self.store.get_run(run_id)
         if record is None:
             raise NotFoundError(f"no run {run_id}")
-        tail_from = max(0, record.last_index - self.settings.tail_events)
+        # An ended run comes back with a short tail: most late readers want the end
+        # ("latest", a resume near it); any older read pages from disk on demand.
+        tail_from = max(0, record.last_index - min(self.settings.tail_events, REVIVED_TAIL))
         tail = await self.store.read_events(run_id, tail_from, None)
         run = self.runs.get(run_id)  # another reader may have loaded it meanwhile
         if run is None:
