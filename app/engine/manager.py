@@ -262,17 +262,20 @@ class RunManager:
             NotFoundError (thread), RunInProgressError (the thread is busy, ``reject``).
         """
         self._check_open()
-        agent = self.agents.get(agent_name)
-        agent.validate_input(input)  # before a thread is created for nothing
-        if thread_id is None:
-            thread_id = (await self.create_thread()).thread_id
         change = ThreadChange("start", agent=agent_name, input=input, multitask=multitask)
-        _, run = await self.change_thread(thread_id, change)
+        if thread_id is None:
+            # A new thread: nothing to read, and it is written with the run, in one
+            # transaction.
+            now = time.time()
+            thread = ThreadRecord(new_thread_id(), {}, now, now)
+            _, run = await self.change_thread(thread.thread_id, change, new_thread=thread)
+        else:
+            _, run = await self.change_thread(thread_id, change)
         assert run is not None
         return run
 
     async def change_thread(
-        self, thread_id: str, change: ThreadChange
+        self, thread_id: str, change: ThreadChange, *, new_thread: ThreadRecord | None = None
     ) -> tuple[ThreadRecord, LiveRun | None]:
         """Apply a thread operation (PROTOCOL.md §6) and start its run, if it has one.
 
@@ -297,7 +300,7 @@ class RunManager:
             )
         agent = self.agents.get(change.agent or self.settings.default_agent) if starts_run else None
         async with self._thread_lock(thread_id):
-            thread = await self.get_thread(thread_id)
+            thread = new_thread or await self.get_thread(thread_id)
             if change.expected_revision is not None and change.expected_revision != thread.revision:
                 raise ConflictError(
                     f"thread {thread_id} is at revision {thread.revision}",
@@ -307,7 +310,11 @@ class RunManager:
             active = self.runs.get(self._active.get(thread_id, ""))
             if active is not None and change.multitask == "reject":
                 raise RunInProgressError(thread_id, active.run_id)
-            turns = {turn.turn_id: turn for turn in await self.store.load_turns(thread_id)}
+            turns = (
+                {}
+                if new_thread is not None
+                else {turn.turn_id: turn for turn in await self.store.load_turns(thread_id)}
+            )
             head = thread.head
             if active is not None and change.multitask == "rollback":
                 head = await self._head_before(active, turns, head)

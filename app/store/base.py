@@ -63,7 +63,7 @@ class Store(Protocol):
     async def write_thread(
         self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
     ) -> None:
-        """Update the thread's row (revision, head), add turns, write runs: ONE transaction."""
+        """Write the thread's row (created if new), add turns, write runs: ONE transaction."""
         ...
 
     async def load_turns(self, thread_id: str) -> list[Turn]: ...

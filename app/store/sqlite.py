@@ -277,7 +277,8 @@ class SqliteStore:
     async def write_thread(
         self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
     ) -> None:
-        """Update a thread's row, add ``turns`` and write ``runs``, in ONE transaction.
+        """Write a thread's row (created if new), add ``turns`` and write ``runs``, in ONE
+        transaction.
 
         Raises:
             StoreError: nothing was written.
@@ -288,8 +289,18 @@ class SqliteStore:
         ]
         async with self._transaction(f"write of thread {thread.thread_id}") as db:
             await db.execute(
-                "UPDATE threads SET revision = ?, head = ?, updated_at = ? WHERE thread_id = ?",
-                (thread.revision, thread.head, thread.updated_at, thread.thread_id),
+                "INSERT INTO threads (thread_id, metadata, revision, head, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (thread_id) DO UPDATE SET"
+                " revision = excluded.revision, head = excluded.head,"
+                " updated_at = excluded.updated_at",
+                (
+                    thread.thread_id,
+                    encode(thread.metadata),
+                    thread.revision,
+                    thread.head,
+                    thread.created_at,
+                    thread.updated_at,
+                ),
             )
             await db.executemany(
                 "INSERT INTO turns (turn_id, thread_id, parent_id, role, content, run_id,"
