@@ -118,6 +118,21 @@ def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
     )
 
 
+_THREAD_COLUMNS = "thread_id, metadata, revision, head, created_at, updated_at"
+_THREAD_VALUES = "VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def _thread_row(thread: ThreadRecord) -> tuple[Any, ...]:
+    return (
+        thread.thread_id,
+        encode(thread.metadata),
+        thread.revision,
+        thread.head,
+        thread.created_at,
+        thread.updated_at,
+    )
+
+
 def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
     return ThreadRecord(
         thread_id=row[0],
@@ -253,23 +268,14 @@ class SqliteStore:
             await db.close()
 
     async def create_thread(self, thread: ThreadRecord) -> None:
+        """Raises: StoreError (a thread with this id exists)."""
         await self._execute(
-            "INSERT INTO threads (thread_id, metadata, revision, head, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                thread.thread_id,
-                encode(thread.metadata),
-                thread.revision,
-                thread.head,
-                thread.created_at,
-                thread.updated_at,
-            ),
+            f"INSERT INTO threads ({_THREAD_COLUMNS}) {_THREAD_VALUES}", _thread_row(thread)
         )
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None:
         rows = await self._fetch(
-            "SELECT thread_id, metadata, revision, head, created_at, updated_at"
-            " FROM threads WHERE thread_id = ?",
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE thread_id = ?",
             (thread_id,),
         )
         return _thread_from_row(rows[0]) if rows else None
@@ -289,18 +295,10 @@ class SqliteStore:
         ]
         async with self._transaction(f"write of thread {thread.thread_id}") as db:
             await db.execute(
-                "INSERT INTO threads (thread_id, metadata, revision, head, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (thread_id) DO UPDATE SET"
-                " revision = excluded.revision, head = excluded.head,"
-                " updated_at = excluded.updated_at",
-                (
-                    thread.thread_id,
-                    encode(thread.metadata),
-                    thread.revision,
-                    thread.head,
-                    thread.created_at,
-                    thread.updated_at,
-                ),
+                f"INSERT INTO threads ({_THREAD_COLUMNS}) {_THREAD_VALUES}"
+                " ON CONFLICT (thread_id) DO UPDATE SET revision = excluded.revision,"
+                " head = excluded.head, updated_at = excluded.updated_at",
+                _thread_row(thread),
             )
             await db.executemany(
                 "INSERT INTO turns (turn_id, thread_id, parent_id, role, content, run_id,"
