@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+
 
 class RuncastError(Exception):
     """Base of every runcast error; ``code`` is what programs match on."""
@@ -50,6 +52,26 @@ class BadRequestError(RuncastError):
 
     def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
         super().__init__(message, field=field, **details)
+
+    @classmethod
+    def from_validation(
+        cls, exc: ValidationError, what: str, *, within: str | None = None
+    ) -> BadRequestError:
+        """The first problem of a pydantic ``exc`` as an error naming its top-level field
+        (``within.field`` when the model validated a part, e.g. ``input.n``)."""
+        first = exc.errors()[0]
+        if not first["loc"]:  # the value as a whole
+            field = within or "body"
+        else:
+            name = str(first["loc"][0])
+            field = name if within is None else f"{within}.{name}"
+        if first["type"] == "missing":
+            message = f"{what}: {field} is required"
+        elif first["type"] == "extra_forbidden":
+            message = f"{what}: unknown field {field}"
+        else:
+            message = f"{what}: {field}: {first['msg']}"
+        return cls(message, field=field)
 
 
 class MalformedError(BadRequestError):

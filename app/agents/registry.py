@@ -39,11 +39,8 @@ class Agent:
         try:
             model = self.input_model.model_validate(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(["input", *(str(part) for part in first["loc"])])
-            raise BadRequestError(
-                f"invalid input for agent {self.name!r}: {field}: {first['msg']}", field=field
-            ) from None
+            what = f"invalid input for agent {self.name!r}"
+            raise BadRequestError.from_validation(exc, what, within="input") from None
         return model.model_dump(mode="json", exclude_none=True)
 
     def invoke(self, run: LiveRun, history: list[dict[str, Any]]) -> Coroutine[Any, Any, None]:

@@ -182,9 +182,8 @@ async def get_events(request: Request) -> Response:
     limit = _int_param(request, "limit", 1000, lo=1)
     assert limit is not None
     events = await run.read_page(after, min(limit, MAX_PAGE))
-    head = encode({"last_index": run.last_index, "status": run.status.value, "epoch": run.epoch})
-    body = f'{head[:-1]},"events":[{",".join(e.json for e in events)}]}}'
-    return Response(body, media_type="application/json")
+    head = {"last_index": run.last_index, "status": run.status.value, "epoch": run.epoch}
+    return Response(wire.with_events(head, events), media_type="application/json")
 
 
 async def stop_run(request: Request) -> Response:

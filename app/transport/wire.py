@@ -222,25 +222,12 @@ class CreateThreadBody(_Model):
     metadata: JsonObject = Field(default_factory=dict)
 
 
-def validation_error(exc: ValidationError, what: str) -> BadRequestError:
-    """The first problem of ``exc`` as a BadRequestError naming its (top-level) field."""
-    first = exc.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "body"
-    if first["type"] == "missing":
-        message = f"{what}: {field} is required"
-    elif first["type"] == "extra_forbidden":
-        message = f"{what}: unknown field {field}"
-    else:
-        message = f"{what}: {field}: {first['msg']}"
-    return BadRequestError(message, field=field)
-
-
 def parse_model(model: type[M], obj: Any, what: str) -> M:
     """Validate ``obj`` against ``model``. Raises: BadRequestError (names the field)."""
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        raise validation_error(exc, what) from None
+        raise BadRequestError.from_validation(exc, what) from None
 
 
 def read_ref(obj: Any) -> Ref:
@@ -310,11 +297,16 @@ def reply_error(ref: Ref, error: RuncastError) -> str:
     return encode({"type": "reply", "ref": ref, "ok": False, "error": error.to_dict()})
 
 
-def events_frame(run_id: str, epoch: str, events: Sequence[Event]) -> str:
-    """One ``events`` frame; the events' JSON is joined, not re-encoded."""
-    head = encode({"type": "events", "run_id": run_id, "epoch": epoch})
+def with_events(head: JsonObject, events: Sequence[Event]) -> str:
+    """``head`` encoded with an ``events`` key added: the events' own JSON is joined, not
+    re-encoded (an events frame, an HTTP page of events)."""
     body = ",".join(event.json for event in events)
-    return f'{head[:-1]},"events":[{body}]}}'
+    return f'{encode(head)[:-1]},"events":[{body}]}}'
+
+
+def events_frame(run_id: str, epoch: str, events: Sequence[Event]) -> str:
+    """One ``events`` frame."""
+    return with_events({"type": "events", "run_id": run_id, "epoch": epoch}, events)
 
 
 def snapshot_frame(snapshot: JsonObject) -> str:

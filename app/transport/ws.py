@@ -174,7 +174,7 @@ class Session:
                 ref = _ref_of(data)
             await self._send(wire.reply_error(ref, exc))
             return
-        except (asyncio.CancelledError, _ConnectionGone):
+        except _ConnectionGone:
             raise
         except Exception:
             logger.exception("connection_id=%s: op failed", self.connection_id)

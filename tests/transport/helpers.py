@@ -4,7 +4,6 @@ reader, and a reference fold of PROTOCOL.md §1 written independently of app/cor
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -13,6 +12,8 @@ from typing import Any
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from app.core import snapshot
 
 Frame = dict[str, Any]
 
@@ -225,67 +226,13 @@ async def read_sse(
     return [event async for event in sse_events(http, run_id, headers, params)]
 
 
-# -- reference fold (PROTOCOL.md §1), independent of app/core/snapshot.py -------------
-
-
-def initial_state() -> Frame:
-    return {
-        "status": "queued",
-        "message": {"content": "", "thinking": "", "tools": []},
-        "usage": {},
-        "pending_input": None,
-        "data": {},
-        "error": None,
-    }
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge_patch(result.get(key), value)
-    return result
+# -- the snapshot of PROTOCOL.md §1, folded client-side ----------------------------------
 
 
 def fold(events: list[Frame]) -> Frame:
-    """The snapshot state after ``events``, by the table of PROTOCOL.md §1."""
-    state = initial_state()
-    message = state["message"]
+    """The snapshot state after ``events`` (wire dicts), by app/core's reducer, whose own
+    table tests (tests/core/test_snapshot.py) check it against PROTOCOL.md §1."""
+    state = snapshot.initial_state()
     for event in events:
-        kind, data = event["type"], event["data"]
-        if kind == "status":
-            state["status"] = data["status"]
-            if "error" in data:
-                state["error"] = data["error"]
-        elif kind == "text":
-            message["content"] += data["text"]
-        elif kind == "thinking":
-            message["thinking"] += data["text"]
-        elif kind == "tool_call":
-            message["tools"].append(
-                {"id": data["id"], "name": data["name"], "args": data["args"], "status": "running"}
-            )
-        elif kind == "tool_result":
-            for tool in reversed(message["tools"]):
-                if tool["id"] == data["id"]:
-                    failed = data.get("error") is not None
-                    if "output" in data:
-                        tool["output"] = data["output"]
-                    if failed:
-                        tool["error"] = data["error"]
-                    tool["status"] = "failed" if failed else "completed"
-                    break
-        elif kind == "usage":
-            for key, value in data.items():
-                state["usage"][key] = state["usage"].get(key, 0) + value
-        elif kind == "input_required":
-            state["pending_input"] = data
-        elif kind == "input_received":
-            state["pending_input"] = None
-        elif kind == "state":
-            state["data"] = _merge_patch(state["data"], data)
+        snapshot.apply(state, event["type"], event["data"])
     return state

@@ -15,19 +15,10 @@ import time
 from typing import Any
 
 import httpx
-import pytest
+from playwright.sync_api import expect
 
 from tests.conftest import Spawned
-from tests.web.conftest import ARTIFACTS, CHROMIUM, IN_CI, Tab
-
-if not CHROMIUM.exists() and not IN_CI:
-    pytest.skip(
-        f"{CHROMIUM} is missing (apt-get install chromium); browser tests skipped",
-        allow_module_level=True,
-    )
-
-# Imported after the skip: without a browser, Playwright may be missing too.
-from playwright.sync_api import expect
+from tests.web.conftest import ARTIFACTS, Tab
 
 # While a server is down, Chromium itself logs each refused WebSocket connection attempt.
 CONNECTION_REFUSED = (r"WebSocket connection to .* failed: .*net::ERR_CONNECTION_REFUSED",)
