@@ -16,6 +16,8 @@ ENV_PREFIX = "RUNCAST_"
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
+_LISTS = frozenset({"agents", "tokens", "allow_origins"})  # comma-separated in the environment
+
 
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -33,10 +35,26 @@ class Settings(BaseModel):
     linger_s: float = Field(30.0, ge=0)
     tail_events: int = Field(10_000, ge=100)
     keyframe_every: int = Field(1_000, ge=10)
+    # One budget for the whole server: past it, agents' appends wait for the flusher.
     max_unflushed: int = Field(200_000, ge=1_000)
+    # -- access (PROTOCOL.md §8) ---------------------------------------------------------
+    token_file: Path | None = None
+    tokens: tuple[str, ...] = ()  # "ROLE:SECRET" each (RUNCAST_TOKENS, comma-separated)
+    allow_origins: tuple[str, ...] = ()
+    secret: str | None = None  # signs share tokens; kept in the database when not given
+    insecure: bool = False  # allow open mode on a non-loopback address
+    # -- limits (PROTOCOL.md §8) ---------------------------------------------------------
     max_frame_bytes: int = Field(1_048_576, ge=1024)
     max_subscriptions: int = Field(256, ge=1)
     max_thread_watches: int = Field(64, ge=1)
+    max_connections_per_address: int = Field(1_000, ge=0)  # 0: no limit
+    rate: float = Field(100.0, gt=0)  # ops (per connection) or requests (per address) a second
+    rate_burst: int = Field(1_000, ge=1)
+    max_live_runs: int = Field(1_000, ge=1)
+    max_event_bytes: int = Field(1_048_576, ge=64)
+    max_input_bytes: int = Field(262_144, ge=64)
+    ping_interval_s: float = Field(20.0, gt=0)
+    write_timeout_s: float = Field(30.0, gt=0)
 
     @field_validator("log_level")
     @classmethod
@@ -53,7 +71,8 @@ class Settings(BaseModel):
     ) -> Settings:
         """Settings from ``RUNCAST_<NAME>`` variables, then ``overrides`` (flags) on top.
 
-        ``RUNCAST_AGENTS`` is a comma-separated list of modules; a setting in seconds
+        ``RUNCAST_AGENTS``, ``RUNCAST_TOKENS`` and ``RUNCAST_ALLOW_ORIGINS`` are
+        comma-separated lists; a setting in seconds
         (``flush_interval_s``) is also read without its unit (``RUNCAST_FLUSH_INTERVAL``).
         """
         environ = os.environ if env is None else env
@@ -63,7 +82,7 @@ class Settings(BaseModel):
             if raw is None and name.endswith("_s"):  # RUNCAST_FLUSH_INTERVAL, RUNCAST_LINGER
                 raw = environ.get(ENV_PREFIX + name.removesuffix("_s").upper())
             if raw is not None:
-                values[name] = tuple(filter(None, raw.split(","))) if name == "agents" else raw
+                values[name] = tuple(filter(None, raw.split(","))) if name in _LISTS else raw
         for name, value in (overrides or {}).items():
             if value is not None:
                 values[name] = value

@@ -18,7 +18,8 @@ layer turns one into an HTTP status, a reply frame or a close code, in one table
      ├── ForbiddenError               "forbidden"
      ├── PayloadTooLargeError         "payload_too_large"
      ├── TooManySubscriptionsError    "too_many_subscriptions"
-     ├── RateLimitedError             "rate_limited"
+     ├── RateLimitedError             "rate_limited"       (retry_after)
+     ├── OverloadedError              "overloaded"  (a server-wide limit, such as live runs)
      ├── ShuttingDownError            "internal"  (the server refuses new work while it stops)
      └── StoreError                   "internal"  (the database failed; the cause is chained)
 """
@@ -128,8 +129,9 @@ class ForbiddenError(RuncastError):
 class PayloadTooLargeError(RuncastError):
     code = "payload_too_large"
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"payload of {size} bytes is over the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, *, field: str | None = None) -> None:
+        what = "payload" if field is None else field
+        super().__init__(f"{what} of {size} bytes is over the limit of {limit} bytes", field=field)
 
 
 class TooManySubscriptionsError(RuncastError):
@@ -138,6 +140,18 @@ class TooManySubscriptionsError(RuncastError):
 
 class RateLimitedError(RuncastError):
     code = "rate_limited"
+
+    def __init__(self, retry_after: float) -> None:
+        retry_after = round(max(retry_after, 0.001), 3)
+        super().__init__(
+            f"too many requests; retry after {retry_after} s", retry_after=retry_after
+        )
+
+
+class OverloadedError(RuncastError):
+    """A server-wide limit (live runs) is reached; the client may retry later."""
+
+    code = "overloaded"
 
 
 class ShuttingDownError(RuncastError):

@@ -33,6 +33,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "payload_too_large": 413,
     "too_many_subscriptions": 429,
     "rate_limited": 429,
+    "overloaded": 503,
     "internal": 500,
 }
 
