@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import socket
 import sys
@@ -15,12 +16,33 @@ from typing import Any
 import uvicorn
 
 from app import __version__, bench
+from app.access.tokens import parse_server_tokens
 from app.config import Settings
 from app.errors import StoreError
 from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
 
 logger = logging.getLogger("app")
+
+
+_LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--max-frame-bytes", "max_frame_bytes", int, "largest frame or body (1 MiB)"),
+    ("--max-subscriptions", "max_subscriptions", int, "subscriptions per connection (256)"),
+    ("--max-thread-watches", "max_thread_watches", int, "thread watches per connection (64)"),
+    (
+        "--max-connections-per-address",
+        "max_connections_per_address",
+        int,
+        "WebSocket connections per client address; 0: no limit (1000)",
+    ),
+    ("--rate", "rate", float, "ops a second per connection, requests per address (100)"),
+    ("--rate-burst", "rate_burst", int, "how many ops or requests may come at once (1000)"),
+    ("--max-live-runs", "max_live_runs", int, "live runs on the server (1000)"),
+    ("--max-event-bytes", "max_event_bytes", int, "largest event an agent may emit (1 MiB)"),
+    ("--max-input-bytes", "max_input_bytes", int, "largest agent input (256 KiB)"),
+    ("--ping-interval", "ping_interval_s", float, "seconds between pings; no pong: 1011 (20)"),
+    ("--write-timeout", "write_timeout_s", float, "seconds a send may stall; then 4408 (30)"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="events of a run kept in memory; older ones page from disk "
         "(RUNCAST_TAIL_EVENTS, 10000)",
     )
+    access = serve.add_argument_group("access (without a token the server is open: loopback only)")
+    access.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="server tokens, one 'ROLE SECRET' a line; roles viewer, operator, admin "
+        "(RUNCAST_TOKENS='ROLE:SECRET,...' adds more)",
+    )
+    access.add_argument(
+        "--allow-origin",
+        dest="allow_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed besides the server's own, exact; repeatable "
+        "(RUNCAST_ALLOW_ORIGINS, comma-separated)",
+    )
+    access.add_argument(
+        "--secret", help="signs share links (RUNCAST_SECRET; default: one kept in the database)"
+    )
+    access.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow an open server (no token) on a non-loopback address",
+    )
+    limits = serve.add_argument_group("limits")
+    for flag, dest, kind, text in _LIMIT_FLAGS:
+        limits.add_argument(flag, dest=dest, type=kind, metavar="N", help=text)
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     check = db_commands.add_parser(
@@ -98,9 +147,13 @@ async def serve(settings: Settings) -> None:
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,
-        ws_max_size=max(16 * 1024 * 1024, 4 * settings.max_frame_bytes),
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        # A frame a little over the limit is read and answered payload_too_large; a frame
+        # twice over closes the connection (1009). Reading pauses while a frame waits for
+        # the session, so a connection buffers at most a few frames.
+        ws_max_size=2 * settings.max_frame_bytes,
+        ws_max_queue=4,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_interval_s,
         # Events are small JSON frames: compressing them costs server CPU on every send and
         # a zlib state per connection (hundreds of KB); clients get them uncompressed.
         ws_per_message_deflate=False,
@@ -126,6 +179,34 @@ async def serve(settings: Settings) -> None:
     exit_requested.cancel()
     await asyncio.wait({exit_requested})
     await serving
+
+
+def check_access(settings: Settings) -> str | None:
+    """Why ``settings`` must not start a server (a bad token file, an open server on a
+    public address), as the lines to print; None when they may."""
+    try:
+        file_text = settings.token_file.read_text() if settings.token_file else None
+        tokens = parse_server_tokens(settings.tokens, file_text)
+    except OSError as exc:
+        return f"runcast: cannot read the token file {settings.token_file}: {exc.strerror}"
+    except ValueError as exc:
+        return f"runcast: invalid tokens: {exc}"
+    if tokens or settings.insecure or _is_loopback(settings.host):
+        return None
+    return (
+        f"runcast: refusing to listen on {settings.host} with no token: anyone who reaches it "
+        "could start, read and stop runs\n"
+        "hint: give --token-file FILE or RUNCAST_TOKENS=ROLE:SECRET, or add --insecure"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_database(path: Path) -> int:
@@ -160,12 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "db":
         return check_database(Settings.from_env({"db": args.db}).db)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
-    if flags.get("agents"):
-        flags["agents"] = tuple(flags["agents"])
+    for name in ("agents", "allow_origins"):
+        if flags.get(name):
+            flags[name] = tuple(flags[name])
     try:
         settings = Settings.from_env(flags)
     except ValueError as exc:
         print(f"runcast: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    refusal = check_access(settings)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

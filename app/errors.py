@@ -21,6 +21,7 @@ layer turns one into an HTTP status, a reply frame or a close code, in one table
      ├── RateLimitedError             "rate_limited"       (retry_after)
      ├── OverloadedError              "overloaded"  (a server-wide limit, such as live runs)
      ├── ShuttingDownError            "internal"  (the server refuses new work while it stops)
+     ├── AgentError                   (per instance: what an agent chose to tell clients)
      └── StoreError                   "internal"  (the database failed; the cause is chained)
 """
 
@@ -35,6 +36,9 @@ class RuncastError(Exception):
     """Base of every runcast error; ``code`` is what programs match on."""
 
     code: ClassVar[str] = "internal"
+    # What a client is told instead of the message, when the message is for the log only
+    # (it may carry SQL, a file path or a library's own words).
+    public_message: ClassVar[str | None] = None
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -43,7 +47,8 @@ class RuncastError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """The ``error`` object of a reply frame or an HTTP error body."""
-        return {"code": self.code, "message": self.message, **self.details}
+        message = self.public_message or self.message
+        return {"code": self.code, "message": message, **self.details}
 
 
 class BadRequestError(RuncastError):
@@ -143,9 +148,7 @@ class RateLimitedError(RuncastError):
 
     def __init__(self, retry_after: float) -> None:
         retry_after = round(max(retry_after, 0.001), 3)
-        super().__init__(
-            f"too many requests; retry after {retry_after} s", retry_after=retry_after
-        )
+        super().__init__(f"too many requests; retry after {retry_after} s", retry_after=retry_after)
 
 
 class OverloadedError(RuncastError):
@@ -158,5 +161,19 @@ class ShuttingDownError(RuncastError):
     """New work is refused because the server is stopping."""
 
 
+class AgentError(RuncastError):
+    """Raised by an agent on purpose: its run ends ``failed`` with this ``code`` and
+    ``message`` in the terminal event, as the agent chose them. Any other exception from
+    an agent shows clients only ``agent_error`` and a generic message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        # Per instance, where every other class has one: ``code`` is a ClassVar above.
+        self.__dict__["code"] = code
+
+
 class StoreError(RuncastError):
-    """The database failed; the original exception is the ``__cause__``."""
+    """The database failed; the original exception is the ``__cause__``. Clients get a
+    generic message; the detail goes to the log."""
+
+    public_message = "the database failed; the server logged the details"

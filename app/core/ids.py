@@ -34,3 +34,7 @@ def new_epoch() -> str:
     """A fresh epoch: opaque, short, and different from every earlier one with certainty
     for practical purposes (64 random bits)."""
     return secrets.token_hex(8)
+
+
+def new_share_id() -> str:
+    return _new("shr")

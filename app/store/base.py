@@ -51,6 +51,20 @@ class RunWrite:
     keyframes: Sequence[tuple[int, str]] = field(default_factory=tuple)  # (index, state JSON)
 
 
+@dataclass(frozen=True, slots=True)
+class ShareRecord:
+    """A share link (PROTOCOL.md §8): ``kind`` run or thread, ``resource_id`` its id."""
+
+    share_id: str
+    kind: str
+    resource_id: str
+    role: str
+    created_by: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -95,3 +109,18 @@ class Store(Protocol):
         ...
 
     async def stats(self) -> dict[str, Any]: ...
+
+    async def share_secret(self, new: str) -> str:
+        """The secret share tokens are signed with: the stored one, or ``new``, stored
+        now (the first start)."""
+        ...
+
+    async def create_share(self, share: ShareRecord) -> None: ...
+
+    async def get_share(self, share_id: str) -> ShareRecord | None: ...
+
+    async def revoke_share(self, share_id: str, at: float) -> None: ...
+
+    async def revoked_shares(self, now: float) -> list[str]:
+        """Ids of revoked shares that have not expired yet (expired ones fail anyway)."""
+        ...

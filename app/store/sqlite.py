@@ -20,7 +20,7 @@ import aiosqlite
 from app.core.events import TERMINAL_STATUSES, Event, decode, encode
 from app.core.turns import Turn
 from app.errors import StoreError
-from app.store.base import RunRecord, RunWrite, ThreadRecord
+from app.store.base import RunRecord, RunWrite, ShareRecord, ThreadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,24 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, i)
     ) WITHOUT ROWID;
     """,
+    # 3: share links
+    """
+    CREATE TABLE IF NOT EXISTS shares (
+        share_id    TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        created_by  TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        revoked_at  REAL
+    );
+    CREATE INDEX IF NOT EXISTS shares_revoked ON shares (expires_at) WHERE revoked_at IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+_SHARE_COLUMNS = "share_id, kind, resource_id, role, created_by, created_at, expires_at, revoked_at"
 
 _RUN_COLUMNS = (
     "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at, updated_at"
@@ -462,6 +478,47 @@ class SqliteStore:
     async def stats(self) -> dict[str, Any]:
         rows = await self._fetch("SELECT count(*) FROM runs", ())
         return {"path": str(self.path), "runs": rows[0][0]}
+
+    async def share_secret(self, new: str) -> str:
+        await self._execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('share_secret', ?)", (new,)
+        )
+        rows = await self._fetch("SELECT value FROM meta WHERE key = 'share_secret'", ())
+        return str(rows[0][0])
+
+    async def create_share(self, share: ShareRecord) -> None:
+        await self._execute(
+            f"INSERT INTO shares ({_SHARE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                share.share_id,
+                share.kind,
+                share.resource_id,
+                share.role,
+                share.created_by,
+                share.created_at,
+                share.expires_at,
+                share.revoked_at,
+            ),
+        )
+
+    async def get_share(self, share_id: str) -> ShareRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_SHARE_COLUMNS} FROM shares WHERE share_id = ?", (share_id,)
+        )
+        return ShareRecord(*rows[0]) if rows else None
+
+    async def revoke_share(self, share_id: str, at: float) -> None:
+        await self._execute(
+            "UPDATE shares SET revoked_at = ? WHERE share_id = ? AND revoked_at IS NULL",
+            (at, share_id),
+        )
+
+    async def revoked_shares(self, now: float) -> list[str]:
+        rows = await self._fetch(
+            "SELECT share_id FROM shares WHERE revoked_at IS NOT NULL AND expires_at > ?",
+            (now,),
+        )
+        return [row[0] for row in rows]
 
     async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
         """One write statement, committed on its own (outside any open transaction)."""

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +21,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from app.access.policy import Principal
+from app.access.shares import Shares
+from app.access.tokens import Authenticator, parse_server_tokens
 from app.agents.builtin import register_builtins
 from app.agents.registry import Registry, default_registry
 from app.config import Settings
@@ -26,6 +31,7 @@ from app.engine.manager import EngineSettings, RunManager
 from app.errors import RuncastError
 from app.store.sqlite import SqliteStore
 from app.transport import http
+from app.transport.edge import Edge, redact_logs
 from app.transport.ws import Session
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,9 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
 
 _FALLBACK_PAGE = "<!doctype html><title>runcast</title><p>runcast is up.</p>"
+
+# How often open connections are checked for a share that expired or was revoked.
+ACCESS_CHECK_INTERVAL_S = 1.0
 
 
 class Runtime:
@@ -53,11 +62,45 @@ class Runtime:
         self.sessions: set[Session] = set()
         self._shut_down = False
         self.ready = asyncio.Event()
+        # Server tokens are read now, so that a bad token file stops the start at once.
+        file_text = settings.token_file.read_text() if settings.token_file else None
+        self._server_tokens = parse_server_tokens(settings.tokens, file_text)
+        # Until open() reads the share secret, nothing is served; this one refuses shares.
+        self.authenticator = Authenticator(self._server_tokens, secrets.token_bytes(32))
+        self.shares = Shares(self.store, self.authenticator)
+        self._access_task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.manager.open()
+        secret = self.settings.secret or await self.store.share_secret(secrets.token_hex(32))
+        revoked = await self.store.revoked_shares(time.time())
+        self.authenticator = Authenticator(self._server_tokens, secret.encode(), revoked)
+        self.shares = Shares(self.store, self.authenticator)
+        self._access_task = asyncio.create_task(self._check_access(), name="access check")
         self.ready.set()
-        logger.info("store open at %s", self.settings.db)
+        mode = "open (no token)" if self.authenticator.open_mode else "token"
+        logger.info("store open at %s; access %s", self.settings.db, mode)
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        return self.authenticator.authenticate(token, time.time())
+
+    async def close_revoked(self) -> None:
+        """Close, with 4401, every connection whose share expired or was revoked."""
+        now = time.time()
+        gone = [
+            session
+            for session in self.sessions
+            if not self.authenticator.still_valid(session.principal, now)
+        ]
+        for session in gone:
+            logger.info("connection_id=%s: its token expired or was revoked", session.connection_id)
+        if gone:
+            await asyncio.gather(*(session.close(4401, timeout_s=0) for session in gone))
+
+    async def _check_access(self) -> None:
+        while True:
+            await asyncio.sleep(ACCESS_CHECK_INTERVAL_S)
+            await self.close_revoked()
 
     async def shutdown(self) -> None:
         """Refuse new runs, end live runs as interrupted, deliver their terminal events,
@@ -66,6 +109,9 @@ class Runtime:
         if self._shut_down:
             return
         self._shut_down = True
+        if self._access_task is not None:
+            self._access_task.cancel()
+            await asyncio.gather(self._access_task, return_exceptions=True)
         await self.manager.close()
         logger.info("shutdown: closing %d connections", len(self.sessions))
         if self.sessions:
@@ -106,11 +152,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
         session = Session(
-            websocket,
-            runtime.manager,
-            max_frame_bytes=settings.max_frame_bytes,
-            max_subscriptions=settings.max_subscriptions,
-            max_thread_watches=settings.max_thread_watches,
+            websocket, runtime.manager, websocket.scope["runcast.principal"], settings
         )
         runtime.sessions.add(session)
         try:
@@ -131,6 +173,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
             return HTMLResponse(_FALLBACK_PAGE)
 
         routes.append(Route("/", fallback_page))
+    redact_logs()
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -141,4 +184,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
         },
     )
     app.state.runtime = runtime
+    app.add_middleware(
+        Edge,
+        authenticate=runtime.authenticate,
+        open_mode=lambda: runtime.authenticator.open_mode,
+        check_host=not settings.insecure,
+        allow_origins=settings.allow_origins,
+        rate=settings.rate,
+        rate_burst=settings.rate_burst,
+        max_connections_per_address=settings.max_connections_per_address,
+    )
     return app

@@ -1,9 +1,15 @@
 """The HTTP API under ``/api`` (PROTOCOL.md §5). Handlers are thin: parse, call the
-engine, answer; every RuncastError becomes a JSON error by ``error_response``."""
+engine, answer; every RuncastError becomes a JSON error by ``error_response``.
+
+Every route but the health check is *guarded*: it gets a Gate for the request's principal
+and reaches runs and threads only through it (``app.transport.gate``).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -12,6 +18,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from app import __version__
+from app.access.policy import OPEN, Action, Resource, Role, Scope
+from app.access.shares import Shares
 from app.core.events import decode, encode
 from app.engine.manager import RunManager
 from app.errors import (
@@ -20,9 +28,12 @@ from app.errors import (
     MalformedError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitedError,
     RuncastError,
+    StoreError,
 )
 from app.transport import wire
+from app.transport.gate import Gate
 from app.transport.openapi import openapi_document
 from app.transport.sse import event_stream
 
@@ -46,11 +57,16 @@ def http_status(error: RuncastError) -> int:
 
 
 def error_response(error: RuncastError) -> Response:
-    return Json({"error": error.to_dict()}, status_code=http_status(error))
+    headers = {}
+    if isinstance(error, RateLimitedError):
+        headers["Retry-After"] = str(max(1, round(error.details["retry_after"] + 0.5)))
+    return Json({"error": error.to_dict()}, status_code=http_status(error), headers=headers)
 
 
 async def handle_runcast_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RuncastError)
+    if isinstance(exc, StoreError):
+        logger.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
     return error_response(exc)
 
 
@@ -68,6 +84,23 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 def _manager(request: Request) -> RunManager:
     manager: RunManager = request.app.state.runtime.manager
     return manager
+
+
+Handler = Callable[[Request, Gate], Awaitable[Response]]
+
+
+def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint of a route that acts for the request's principal (set by the edge)."""
+
+    async def endpoint(request: Request) -> Response:
+        gate = Gate(request.scope["runcast.principal"], _manager(request))
+        response = await handler(request, gate)
+        assert gate.checked, f"{handler.__name__} answered without asking authorize"
+        return response
+
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
 
 
 async def _body(request: Request) -> Any:
@@ -111,59 +144,78 @@ def _int_param(request: Request, name: str, default: int | None, *, lo: int = 0)
 
 
 async def health(request: Request) -> Response:
+    """Public: the mode and the store's state, never an error text, a path or a secret."""
     runtime = request.app.state.runtime
     manager = runtime.manager
-    error = manager.flusher.last_error
+    degraded = manager.flusher.last_error is not None
     body: dict[str, Any] = {
-        "ok": True,
+        "ok": not degraded,
         "server": __version__,
-        "store": "degraded" if error else "ok",
+        "auth": "open" if runtime.authenticator.open_mode else "token",
+        "store": "degraded" if degraded else "ok",
         "runs_in_memory": len(manager.runs),
         "connections": len(runtime.sessions),
     }
-    if error:
-        body["store_error"] = error
-    return Json(body)
+    return Json(body, status_code=503 if degraded else 200)
 
 
-async def agents(request: Request) -> Response:
+async def agents(request: Request, gate: Gate) -> Response:
+    gate.server(Action.READ)
     return Json(
         {"agents": [agent.describe() for agent in request.app.state.runtime.registry.all()]}
     )
 
 
-async def create_run(request: Request) -> Response:
+async def create_run(request: Request, gate: Gate) -> Response:
     body = wire.parse_model(wire.StartRunBody, await _body(request), "body")
+    gate.start_in(body.thread_id)
+    _check_input(request, body.input)
     run = await _manager(request).start(
         body.agent, body.input, thread_id=body.thread_id, multitask=body.multitask
     )
     return Json(run.info(), status_code=201)
 
 
-async def list_runs(request: Request) -> Response:
+def _check_input(request: Request, value: Any) -> None:
+    limit: int = request.app.state.runtime.settings.max_input_bytes
+    wire.check_input_size(value, limit)
+
+
+async def list_runs(request: Request, gate: Gate) -> Response:
+    gate.server(Action.READ)
     limit = _int_param(request, "limit", 50, lo=1)
     assert limit is not None
+    status = request.query_params.get("status") or None
+    thread_id = request.query_params.get("thread_id") or None
+    scope = gate.principal.scope
+    if scope is not None and scope.kind == "run":
+        run = await gate.run(scope.id, Action.READ)
+        info = run.info()
+        matches = status in (None, info["status"]) and thread_id in (None, info["thread_id"])
+        return Json({"runs": [info] if matches else []})
+    if scope is not None:  # a thread's share lists that thread's runs
+        if thread_id not in (None, scope.id):
+            return Json({"runs": []})
+        thread_id = scope.id
     runs = await _manager(request).list_runs(
-        status=request.query_params.get("status") or None,
-        thread_id=request.query_params.get("thread_id") or None,
-        limit=min(limit, 1000),
+        status=status, thread_id=thread_id, limit=min(limit, 1000)
     )
     return Json({"runs": runs})
 
 
-async def get_run(request: Request) -> Response:
-    run = await _manager(request).get(request.path_params["run_id"])
+async def get_run(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.READ)
     return Json(run.info())
 
 
-async def get_snapshot(request: Request) -> Response:
-    run = await _manager(request).get(request.path_params["run_id"])
+async def get_snapshot(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.READ)
     at = _int_param(request, "at", None)
     return Json(await run.snapshot_frame(at))
 
 
-async def get_events(request: Request) -> Response:
-    run = await _manager(request).get(request.path_params["run_id"])
+async def get_events(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.READ)
     after = _int_param(request, "after", 0)
     assert after is not None
     if "text/event-stream" in request.headers.get("accept", ""):
@@ -186,51 +238,84 @@ async def get_events(request: Request) -> Response:
     return Response(wire.with_events(head, events), media_type="application/json")
 
 
-async def stop_run(request: Request) -> Response:
-    manager = _manager(request)
-    run = await manager.get(request.path_params["run_id"])
-    return Json(manager.stop(run, by="http"))
+async def stop_run(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.STOP)
+    # Who asked: the token's name (never its secret); in open mode, just "http".
+    by = "http" if gate.principal is OPEN else gate.principal.id
+    return Json(_manager(request).stop(run, by=by))
 
 
-async def respond(request: Request) -> Response:
-    manager = _manager(request)
-    run = await manager.get(request.path_params["run_id"])
+async def respond(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.RESPOND)
     body = wire.parse_model(wire.RespondBody, await _body(request), "body")
-    manager.respond(run, body.request_id, body.value)
+    _manager(request).respond(run, body.request_id, body.value)
     return Json({})
 
 
-async def create_thread(request: Request) -> Response:
+async def create_thread(request: Request, gate: Gate) -> Response:
+    gate.server(Action.CREATE)
     body = wire.parse_model(wire.CreateThreadBody, await _body(request), "body")
     manager = _manager(request)
     thread = await manager.create_thread(body.metadata)
     return Json(manager.thread_info(thread), status_code=201)
 
 
-async def get_thread(request: Request) -> Response:
-    manager = _manager(request)
-    thread = await manager.get_thread(request.path_params["thread_id"])
+async def get_thread(request: Request, gate: Gate) -> Response:
+    thread = await gate.thread(request.path_params["thread_id"], Action.READ)
     all_turns = request.query_params.get("all", "").lower() in ("1", "true", "yes")
-    return Json(await manager.thread_view(thread, all_turns=all_turns))
+    return Json(await _manager(request).thread_view(thread, all_turns=all_turns))
 
 
-async def change_thread(request: Request) -> Response:
+async def change_thread(request: Request, gate: Gate) -> Response:
     """POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo} (PROTOCOL.md §6)."""
+    thread_id = request.path_params["thread_id"]
     action = request.path_params["action"]
+    gate.thread_id(thread_id, Action.CHANGE)
     model = wire.THREAD_BODIES.get(action)
     if model is None:
         raise NotFoundError(f"no thread operation {action!r}")
     body = wire.parse_model(model, await _body(request), "body")
     kind = "send" if action == "messages" else action
     manager = _manager(request)
-    thread, run = await manager.change_thread(
-        request.path_params["thread_id"], wire.thread_change(kind, body)
-    )
+    thread, run = await manager.change_thread(thread_id, wire.thread_change(kind, body))
     view = await manager.thread_view(thread)
     return Json({"thread": view, "run": None if run is None else run.info()})
 
 
-async def openapi(request: Request) -> Response:
+def _shares(request: Request) -> Shares:
+    shares: Shares = request.app.state.runtime.shares
+    return shares
+
+
+async def _share(request: Request, gate: Gate, scope: Scope) -> Response:
+    body = wire.parse_model(wire.ShareBody, await _body(request), "body")
+    created = await _shares(request).create(
+        gate.principal, scope, Role.parse(body.role), body.expires_in, time.time()
+    )
+    return Json(created, status_code=201)
+
+
+async def share_run(request: Request, gate: Gate) -> Response:
+    run = await gate.run(request.path_params["run_id"], Action.SHARE)
+    return await _share(request, gate, Scope("run", run.run_id))
+
+
+async def share_thread(request: Request, gate: Gate) -> Response:
+    thread = await gate.thread(request.path_params["thread_id"], Action.SHARE)
+    return await _share(request, gate, Scope("thread", thread.thread_id))
+
+
+async def revoke_share(request: Request, gate: Gate) -> Response:
+    shares = _shares(request)
+    share = await shares.get(request.path_params["share_id"])
+    gate.allow(Action.REVOKE, Resource.share(share.share_id, share.created_by))
+    await shares.revoke(share, time.time())
+    await request.app.state.runtime.close_revoked()
+    return Json({"revoked": True})
+
+
+async def openapi(request: Request, gate: Gate) -> Response:
+    gate.server(Action.READ)
     return Json(openapi_document(__version__))
 
 
@@ -240,17 +325,20 @@ async def not_found(request: Request) -> Response:
 
 routes = [
     Route("/api/health", health),
-    Route("/api/agents", agents),
-    Route("/api/runs", create_run, methods=["POST"]),
-    Route("/api/runs", list_runs, methods=["GET"]),
-    Route("/api/runs/{run_id}", get_run),
-    Route("/api/runs/{run_id}/snapshot", get_snapshot),
-    Route("/api/runs/{run_id}/events", get_events),
-    Route("/api/runs/{run_id}/stop", stop_run, methods=["POST"]),
-    Route("/api/runs/{run_id}/respond", respond, methods=["POST"]),
-    Route("/api/threads", create_thread, methods=["POST"]),
-    Route("/api/threads/{thread_id}", get_thread),
-    Route("/api/threads/{thread_id}/{action}", change_thread, methods=["POST"]),
-    Route("/api/openapi.json", openapi),
+    Route("/api/agents", guarded(agents)),
+    Route("/api/runs", guarded(create_run), methods=["POST"]),
+    Route("/api/runs", guarded(list_runs), methods=["GET"]),
+    Route("/api/runs/{run_id}", guarded(get_run)),
+    Route("/api/runs/{run_id}/snapshot", guarded(get_snapshot)),
+    Route("/api/runs/{run_id}/events", guarded(get_events)),
+    Route("/api/runs/{run_id}/stop", guarded(stop_run), methods=["POST"]),
+    Route("/api/runs/{run_id}/respond", guarded(respond), methods=["POST"]),
+    Route("/api/runs/{run_id}/share", guarded(share_run), methods=["POST"]),
+    Route("/api/threads", guarded(create_thread), methods=["POST"]),
+    Route("/api/threads/{thread_id}", guarded(get_thread)),
+    Route("/api/threads/{thread_id}/share", guarded(share_thread), methods=["POST"]),
+    Route("/api/threads/{thread_id}/{action}", guarded(change_thread), methods=["POST"]),
+    Route("/api/shares/{share_id}", guarded(revoke_share), methods=["DELETE"]),
+    Route("/api/openapi.json", guarded(openapi)),
     Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
 ]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.events import Event, JsonObject, decode, encode
 from app.engine.manager import ThreadChange
-from app.errors import BadRequestError, MalformedError, RuncastError
+from app.errors import BadRequestError, MalformedError, PayloadTooLargeError, RuncastError
 
 PROTOCOL_VERSION: Final = 1
 MAX_EVENTS_PER_FRAME: Final = 1000
@@ -221,6 +221,18 @@ THREAD_BODIES: Final[dict[str, type[_ThreadBody]]] = {
 
 class CreateThreadBody(_Model):
     metadata: JsonObject = Field(default_factory=dict)
+
+
+class ShareBody(_Model):
+    role: Literal["viewer", "operator"] = "viewer"
+    expires_in: Annotated[int, Field(ge=1, le=30 * 86_400)] = 86_400
+
+
+def check_input_size(value: JsonObject, limit: int) -> None:
+    """Raises: PayloadTooLargeError (field ``input``) when ``value`` encodes larger."""
+    size = len(encode(value))
+    if size > limit:
+        raise PayloadTooLargeError(size, limit, field="input")
 
 
 def parse_model(model: type[M], obj: Any, what: str) -> M:

@@ -5,6 +5,11 @@ Each subscription is a *pump*: a task holding nothing but a cursor into the run'
 which sends whatever is after the cursor (up to 1,000 events a frame) and then waits.
 All sends go through one lock, so a reply sent before a pump is created precedes every
 frame of that pump. Every pump is owned by the session's task group.
+
+Every op reaches runs and threads through the session's Gate (its principal, fixed at the
+handshake), after the connection's op rate is checked. A send that makes no progress for
+the write timeout closes the connection with 4408: a client that stopped reading costs
+one blocked pump, never the server's shutdown.
 """
 
 from __future__ import annotations
@@ -18,21 +23,28 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app import __version__
+from app.access.policy import Action, Principal
+from app.config import Settings
 from app.core.events import JsonObject, decode, encode
 from app.core.ids import new_connection_id
+from app.core.ratelimit import TokenBucket
 from app.engine.manager import RunManager
 from app.engine.run import LiveRun
 from app.errors import (
     CursorOutOfRangeError,
     PayloadTooLargeError,
+    RateLimitedError,
     RuncastError,
     TooManySubscriptionsError,
 )
 from app.transport import wire
+from app.transport.edge import SUBPROTOCOL
+from app.transport.gate import Gate
 
 logger = logging.getLogger(__name__)
 
 PRESENCE_INTERVAL_S = 0.25
+CLOSE_TIMEOUT_S = 2.0  # a close frame to a client that does not read is given up after this
 
 
 class _ConnectionGone(Exception):
@@ -53,20 +65,19 @@ class Session:
     """One client connection: ops in, frames out."""
 
     def __init__(
-        self,
-        websocket: WebSocket,
-        manager: RunManager,
-        *,
-        max_frame_bytes: int,
-        max_subscriptions: int,
-        max_thread_watches: int,
+        self, websocket: WebSocket, manager: RunManager, principal: Principal, settings: Settings
     ) -> None:
         self.websocket = websocket
         self.manager = manager
+        self.principal = principal
+        self.gate = Gate(principal, manager)
         self.connection_id = new_connection_id()
-        self.max_frame_bytes = max_frame_bytes
-        self.max_subscriptions = max_subscriptions
-        self.max_thread_watches = max_thread_watches
+        self.max_frame_bytes = settings.max_frame_bytes
+        self.max_subscriptions = settings.max_subscriptions
+        self.max_thread_watches = settings.max_thread_watches
+        self.max_input_bytes = settings.max_input_bytes
+        self.write_timeout_s = settings.write_timeout_s
+        self._bucket = TokenBucket(settings.rate, settings.rate_burst, time.monotonic())
         self._send_lock = asyncio.Lock()
         self._subscriptions: dict[str, _Subscription] = {}
         self._watches: dict[str, Any] = {}
@@ -78,33 +89,48 @@ class Session:
         # run it started) waits, so the reply comes first.
         self._op_lock = asyncio.Lock()
         self._group: asyncio.TaskGroup | None = None
+        self._receiving: asyncio.Task[None] | None = None
         self._gone = False
 
     # -- the connection -----------------------------------------------------------------
 
     async def serve(self) -> None:
         """Accept, greet, and serve ops until the client leaves or the server closes."""
-        await self.websocket.accept()
+        offered = self.websocket.scope.get("subprotocols", ())
+        await self.websocket.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
         logger.debug("connection_id=%s connected", self.connection_id)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                try:
-                    await self._send(wire.welcome(__version__, self.connection_id))
-                    await self._receive_loop()
-                except _ConnectionGone:
-                    pass
-                finally:
-                    if self._outbox_task is not None:
-                        self._outbox_task.cancel()
-                    for subscription in self._subscriptions.values():
-                        if subscription.task is not None:
-                            subscription.task.cancel()
+                self._receiving = group.create_task(
+                    self._converse(), name=f"receive {self.connection_id}"
+                )
         finally:
+            # Attached but never pumped (the reply could not be sent): no longer watching.
+            for subscription in list(self._subscriptions.values()):
+                if subscription.task is None:
+                    self._detach(subscription)
             for thread_id, listener in self._watches.items():
                 self.manager.unwatch_thread(thread_id, listener)
             self._watches.clear()
             logger.debug("connection_id=%s closed", self.connection_id)
+
+    async def _converse(self) -> None:
+        """Greet, answer ops until the client leaves, then end every pump.
+
+        Cancellation: by ``_close_socket`` when the client does not take the close frame.
+        """
+        try:
+            await self._send(wire.welcome(__version__, self.connection_id))
+            await self._receive_loop()
+        except _ConnectionGone:
+            pass
+        finally:
+            if self._outbox_task is not None:
+                self._outbox_task.cancel()
+            for subscription in self._subscriptions.values():
+                if subscription.task is not None:
+                    subscription.task.cancel()
 
     async def _receive_loop(self) -> None:
         while True:
@@ -120,30 +146,55 @@ class Session:
                     wire.reply_error(None, PayloadTooLargeError(size, self.max_frame_bytes))
                 )
                 continue
+            wait_s = self._bucket.take(time.monotonic())
+            if wait_s:
+                await self._send(wire.reply_error(_ref_of(data), RateLimitedError(wait_s)))
+                continue
             await self._handle(data)
 
     async def close(self, code: int = 1001, timeout_s: float = 5.0) -> None:
-        """Let every pump deliver up to its run's end, then close with ``code``.
+        """Let every pump deliver up to its run's end (for ``timeout_s``), then close with
+        ``code``. Always returns within about ``timeout_s`` plus the close timeout: pumps
+        still sending are cancelled, and a close frame a client will not read is given
+        up on.
 
         Cancellation: safe; the socket is closed by the server's own teardown.
         """
         pumps = [s.task for s in self._subscriptions.values() if s.task is not None]
-        if pumps:
+        if pumps and timeout_s > 0:
             await asyncio.wait(pumps, timeout=timeout_s)
-        async with self._send_lock:
-            if not self._gone:
-                self._gone = True
-                try:
-                    await self.websocket.close(code)
-                except (RuntimeError, OSError, WebSocketDisconnect):
-                    pass
+        for task in pumps:
+            task.cancel()
+        await self._close_socket(code)
+
+    async def _close_socket(self, code: int) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.websocket.close(code)
+        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+            pass
+        receiving = self._receiving
+        if receiving is not None and receiving is not asyncio.current_task():
+            receiving.cancel()  # a client that does not take the close frame is let go
 
     async def _send(self, text: str) -> None:
         async with self._send_lock:
             if self._gone:
                 raise _ConnectionGone
             try:
-                await self.websocket.send_text(text)
+                async with asyncio.timeout(self.write_timeout_s):
+                    await self.websocket.send_text(text)
+            except TimeoutError:
+                logger.info(
+                    "connection_id=%s: no send progress for %.0f s; closing (4408)",
+                    self.connection_id,
+                    self.write_timeout_s,
+                )
+                await self._close_socket(4408)
+                raise _ConnectionGone from None
             except (RuntimeError, OSError, WebSocketDisconnect) as exc:
                 self._gone = True
                 raise _ConnectionGone from exc
@@ -186,11 +237,21 @@ class Session:
             await after_reply()
 
     async def _dispatch(self, op: Any) -> tuple[JsonObject, Any]:
-        """Run one op; returns its result and what to do once the reply is sent."""
+        """Run one op for the connection's principal; returns its result and what to do
+        once the reply is sent."""
+        gate = self.gate
+        gate.checked = False
+        result = await self._act(op, gate)
+        assert gate.checked, f"op {op.op} answered without asking authorize"
+        return result
+
+    async def _act(self, op: Any, gate: Gate) -> tuple[JsonObject, Any]:
         manager = self.manager
         if isinstance(op, wire.SubscribeOp):
             return await self._subscribe(op)
         if isinstance(op, wire.StartOp):
+            gate.start_in(op.thread_id)
+            wire.check_input_size(op.input, self.max_input_bytes)
             if op.subscribe:
                 self._check_room(None)  # before the run exists: a refusal starts nothing
             run = await manager.start(
@@ -200,33 +261,37 @@ class Session:
                 return {"run": run.info()}, None
             return self._attach(run, cursor=0, presence=True, preamble=())
         if isinstance(op, wire.UnsubscribeOp):
+            gate.server(Action.READ)  # only ever this connection's own subscription
             await self._unsubscribe(op.run_id)
             return {}, None
         if isinstance(op, wire.StopOp):
-            run = await manager.get(op.run_id)
+            run = await gate.run(op.run_id, Action.STOP)
             return manager.stop(run, by=self.connection_id), None
         if isinstance(op, wire.RespondOp):
-            run = await manager.get(op.run_id)
+            run = await gate.run(op.run_id, Action.RESPOND)
             manager.respond(run, op.request_id, op.value)
             return {}, None
         if isinstance(op, wire.WatchThreadOp):
             return await self._watch_thread(op.thread_id), None
         if isinstance(op, wire.UnwatchThreadOp):
+            gate.server(Action.READ)  # only ever this connection's own watch
             listener = self._watches.pop(op.thread_id, None)
             if listener is not None:
                 manager.unwatch_thread(op.thread_id, listener)
             return {}, None
         if isinstance(op, wire.ThreadOp):
+            gate.thread_id(op.thread_id, Action.CHANGE)
             thread, started = await manager.change_thread(
                 op.thread_id, wire.thread_change(op.op, op)
             )
             view = await manager.thread_view(thread)
             return {"thread": view, "run": None if started is None else started.info()}, None
         assert isinstance(op, wire.PingOp), op
+        gate.server(Action.READ)
         return {"t": time.time()}, None
 
     async def _subscribe(self, op: wire.SubscribeOp) -> tuple[JsonObject, Any]:
-        run = await self.manager.get(op.run_id)
+        run = await self.gate.run(op.run_id, Action.READ)
         self._check_room(op.run_id)
         last = run.last_index
         preamble: list[str] = []
@@ -334,7 +399,7 @@ class Session:
             self._detach(subscription)
 
     async def _watch_thread(self, thread_id: str) -> JsonObject:
-        thread = await self.manager.get_thread(thread_id)
+        thread = await self.gate.thread(thread_id, Action.READ)
         if thread_id not in self._watches:
             if len(self._watches) >= self.max_thread_watches:
                 raise TooManySubscriptionsError(

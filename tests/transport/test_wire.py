@@ -500,6 +500,7 @@ def test_http_status_table_covers_every_error_code() -> None:
         "payload_too_large",
         "too_many_subscriptions",
         "rate_limited",
+        "overloaded",
         "internal",
     }
     assert set(wire.HTTP_STATUS) == codes

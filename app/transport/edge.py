@@ -1,0 +1,314 @@
+"""The edge: what every HTTP request and WebSocket handshake passes before any route.
+
+One small ASGI layer, its settings in its constructor (PROTOCOL.md §8), in this order:
+
+1. the Host check (open mode: a loopback name only, against DNS rebinding);
+2. the Origin check (a browser's WebSocket handshake or non-GET request from an origin
+   that is neither the server's own nor allowed is refused), and CORS for allowed ones;
+3. the request rate per client address (HTTP) and connections per address (WebSocket);
+4. the token: a Principal, put in the scope as ``runcast.principal`` for the routes, or
+   a refusal (401 / close 1008) where one is needed.
+
+Refusals of a handshake: a foreign origin or host gets HTTP 403 and never an open socket;
+a missing token or too many connections is accepted and closed at once with 1008 and a
+reason, which a browser can read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.access.policy import Principal
+from app.core.events import encode
+from app.core.ratelimit import TokenBucket
+from app.errors import ForbiddenError, RateLimitedError, RuncastError, UnauthorizedError
+from app.transport.wire import HTTP_STATUS
+
+logger = logging.getLogger(__name__)
+
+SUBPROTOCOL: Final = "runcast"
+BEARER_SUBPROTOCOL: Final = "runcast.bearer."
+PAGE_HEADERS: Final = {
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+        "form-action 'self'"
+    ),
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_BUCKETS: Final = 10_000
+
+Authenticate = Callable[[str | None], Principal | None]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a Host header (``name[:port]``) names this machine's loopback."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_token(scope: Scope, headers: Headers) -> str | None:
+    """The token of a request: ``Authorization: Bearer``, the ``runcast.bearer.``
+    subprotocol, or ``?token=`` (on a GET and on the WebSocket handshake)."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    if scope["type"] == "websocket":
+        for offered in scope.get("subprotocols", ()):
+            if offered.startswith(BEARER_SUBPROTOCOL):
+                return str(offered[len(BEARER_SUBPROTOCOL) :])
+    if scope["type"] == "websocket" or scope.get("method") in ("GET", "HEAD"):
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+            if key == "token":
+                return str(value)
+    return None
+
+
+class Edge:
+    """The checks of the module docstring, in front of the whole app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authenticate: Authenticate,
+        open_mode: Callable[[], bool],
+        check_host: bool,
+        allow_origins: tuple[str, ...],
+        rate: float,
+        rate_burst: int,
+        max_connections_per_address: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.authenticate = authenticate
+        self.open_mode = open_mode
+        self.check_host = check_host
+        self.allow_origins = frozenset(allow_origins)
+        self.rate = rate
+        self.rate_burst = rate_burst
+        self.max_connections_per_address = max_connections_per_address
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self.connections: dict[str, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        websocket = scope["type"] == "websocket"
+        headers = Headers(scope=scope)
+        method = "GET" if websocket else scope["method"]
+        path: str = scope["path"]
+        origin = headers.get("origin")
+        try:
+            if self.check_host and self.open_mode():
+                if not is_loopback_host(headers.get("host", "")):
+                    raise ForbiddenError(
+                        "this server is open (no token) and answers only to a loopback host name",
+                        field="host",
+                    )
+            if origin is not None and (websocket or method not in _SAFE_METHODS):
+                if not self._origin_allowed(origin, headers):
+                    raise ForbiddenError(f"origin {origin} is not allowed", field="origin")
+        except RuncastError as exc:
+            await (self._deny_handshake if websocket else self._deny)(scope, send, exc)
+            return
+        cors = origin if origin in self.allow_origins and path.startswith("/api") else None
+        if not websocket and method == "OPTIONS" and cors is not None:
+            await _respond(send, 204, b"", _cors_headers(cors, preflight=True))
+            return
+        address = _address(scope)
+        try:
+            if not websocket:
+                self._take(address)
+            principal = self.authenticate(presented_token(scope, headers))
+            if principal is None and not _public(path, method, websocket):
+                raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
+        except RuncastError as exc:
+            if websocket:
+                await self._close_handshake(scope, receive, send, exc)
+            else:
+                await self._deny(scope, send, exc, cors)
+            return
+        scope["runcast.principal"] = principal
+        if websocket:
+            await self._connection(scope, receive, send, address)
+            return
+        await self.app(scope, receive, _with_headers(send, path, cors))
+
+    async def _connection(self, scope: Scope, receive: Receive, send: Send, address: str) -> None:
+        """A WebSocket connection, counted against its address while it lasts."""
+        limit = self.max_connections_per_address
+        count = self.connections.get(address, 0)
+        if limit and count >= limit:
+            error = RuncastError(f"more than {limit} connections from one address")
+            await self._close_handshake(scope, receive, send, error)
+            return
+        self.connections[address] = count + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            left = self.connections[address] - 1
+            if left:
+                self.connections[address] = left
+            else:
+                del self.connections[address]
+
+    def _origin_allowed(self, origin: str, headers: Headers) -> bool:
+        if origin in self.allow_origins:
+            return True
+        # The server's own origin: the page it serves. Scheme aside, so that a proxy
+        # terminating TLS in front of it changes nothing.
+        own = headers.get("host", "").lower()
+        return bool(own) and urlsplit(origin).netloc.lower() == own
+
+    def _take(self, address: str) -> None:
+        """Raises: RateLimitedError."""
+        now = self.clock()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:  # forget addresses that went quiet
+                self._buckets = {a: b for a, b in self._buckets.items() if not b.full(now)}
+            bucket = self._buckets[address] = TokenBucket(self.rate, self.rate_burst, now)
+        wait_s = bucket.take(now)
+        if wait_s:
+            raise RateLimitedError(wait_s)
+
+    @staticmethod
+    async def _deny(scope: Scope, send: Send, error: RuncastError, cors: str | None = None) -> None:
+        headers = _cors_headers(cors) if cors else []
+        if isinstance(error, UnauthorizedError):
+            headers.append((b"www-authenticate", b'Bearer realm="runcast"'))
+        if isinstance(error, RateLimitedError):
+            retry = str(max(1, round(error.details["retry_after"] + 0.5)))
+            headers.append((b"retry-after", retry.encode()))
+        body = encode({"error": error.to_dict()}).encode()
+        await _respond(send, HTTP_STATUS.get(error.code, 500), body, headers)
+
+    async def _deny_handshake(self, scope: Scope, send: Send, error: RuncastError) -> None:
+        """Refuse a handshake with an HTTP status: the socket never opens."""
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = encode({"error": error.to_dict()}).encode()
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": HTTP_STATUS.get(error.code, 500),
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:  # the server answers 403
+            await send({"type": "websocket.close", "code": 1008})
+
+    @staticmethod
+    async def _close_handshake(
+        scope: Scope, receive: Receive, send: Send, error: RuncastError
+    ) -> None:
+        """Accept, then close at once with 1008 and ``code: message`` as the reason (a
+        browser reads the close code, not an HTTP status)."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        accept: Message = {"type": "websocket.accept"}
+        if SUBPROTOCOL in scope.get("subprotocols", ()):
+            accept["subprotocol"] = SUBPROTOCOL
+        await send(accept)
+        reason = f"{error.code}: {error.message}".encode()[:120].decode(errors="ignore")
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+
+def _public(path: str, method: str, websocket: bool) -> bool:
+    """What needs no token: the health check, the page and its static files."""
+    if websocket or method not in ("GET", "HEAD"):
+        return False
+    if path == "/api/health":
+        return True
+    return not (path.startswith("/api/") or path == "/api" or path == "/metrics")
+
+
+def _address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _cors_headers(origin: str | None, *, preflight: bool = False) -> list[tuple[bytes, bytes]]:
+    if origin is None:
+        return []
+    headers = [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"vary", b"Origin"),
+        (b"access-control-expose-headers", b"Retry-After"),
+    ]
+    if preflight:
+        headers += [
+            (b"access-control-allow-methods", b"GET, POST, PATCH, DELETE"),
+            (b"access-control-allow-headers", b"Authorization, Content-Type, Last-Event-ID"),
+            (b"access-control-max-age", b"600"),
+        ]
+    return headers
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[Any]) -> None:
+    if body:
+        headers = [*headers, (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _with_headers(send: Send, path: str, cors: str | None) -> Send:
+    """``send`` that adds CORS headers (an allowed origin, on /api) or the page's security
+    headers (everything outside /api) to the response."""
+    page = not path.startswith("/api")
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers.setdefault("x-content-type-options", "nosniff")
+            if page:
+                for name, value in PAGE_HEADERS.items():
+                    headers.setdefault(name, value)
+            for raw_name, raw_value in _cors_headers(cors):
+                headers.append(raw_name.decode(), raw_value.decode("latin-1"))
+        await send(message)
+
+    return sending
+
+
+_TOKEN_IN_TEXT: Final = re.compile(r"(token=)[^&\s\"']+|(runcast\.bearer\.)[^\s,\"']+")
+
+
+class RedactTokens(logging.Filter):
+    """Replaces ``token=SECRET`` (a query string in an access log line) and a bearer
+    subprotocol with ``token=…``: a secret never reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message or BEARER_SUBPROTOCOL in message:
+            record.msg = _TOKEN_IN_TEXT.sub(lambda m: (m.group(1) or m.group(2)) + "…", message)
+            record.args = ()
+        return True
+
+
+def redact_logs() -> None:
+    """Install ``RedactTokens`` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in log.filters):
+            log.addFilter(RedactTokens())
