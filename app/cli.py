@@ -158,7 +158,10 @@ async def serve(settings: Settings) -> None:
         # a zlib state per connection (hundreds of KB); clients get them uncompressed.
         ws_per_message_deflate=False,
         lifespan="on",
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        # runcast's own shutdown (below) has ended runs and closed sockets, each within
+        # the grace, before uvicorn's begins: what uvicorn waits for is only a connection
+        # whose unsent data a client will never read.
+        timeout_graceful_shutdown=1,
     )
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")

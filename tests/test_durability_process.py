@@ -42,6 +42,7 @@ class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.events: dict[str, list[Frame]] = {}
+        self.watchers: dict[str, int] = {}  # the last presence count of each run
         self.close_code: int | None = None
         self._replies: dict[int, asyncio.Future[Frame]] = {}
         self._ref = 0
@@ -57,6 +58,8 @@ class Client:
                     self.events.setdefault(frame["run_id"], []).extend(frame["events"])
                 elif frame["type"] == "reply":
                     self._replies.pop(frame["ref"]).set_result(frame)
+                elif frame["type"] == "presence":
+                    self.watchers[frame["run_id"]] = frame["watchers"]
                 self._progress.set()
             self.close_code = self.ws.close_code
         except websockets.ConnectionClosed as closed:
@@ -207,6 +210,51 @@ async def test_sigterm_with_100_runs_and_200_watchers(spawn: Any, tmp_path: Path
                 got = clients[c].events[run_id]
                 assert got == on_disk  # every event, the terminal one last, exactly once
                 assert sum(1 for e in got if is_terminal(e)) == 1
+
+
+async def test_sigterm_exits_although_a_client_stopped_reading(spawn: Any) -> None:
+    """A client subscribes to a run that streams flat out, then never reads again: the
+    server's sends to it stall once the socket buffers fill. SIGTERM still ends the process
+    within the shutdown grace plus the close timeout: its pump is cancelled and the close
+    frame it will never read is given up on."""
+    server = spawn("--flush-interval", "0.05")
+    async with asyncio.timeout(40), contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=server.http_url))
+        reading, _ = await stack.enter_async_context(connect(server))
+        # A raw socket: the handshake, one subscribe frame, then nothing is read.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        response = await http.post("/api/runs", json={"agent": "counter", "input": {"n": 10**8}})
+        run_id = response.json()["run_id"]
+        await reading.call("subscribe", run_id=run_id, after="latest", presence=True)
+        writer.write(_masked_text(json.dumps({"op": "subscribe", "run_id": run_id})))
+        await writer.drain()
+        # The raw socket is subscribed (a reader sees two watchers), and the run streams
+        # far more than any socket buffer holds, to a client that reads none of it.
+        await reading.until(lambda: reading.watchers.get(run_id) == 2)
+        await reading.until(lambda: reading.last_index(run_id) > 300_000)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = await wait_exit(server, 20)
+        elapsed_s = time.monotonic() - started
+        writer.close()
+    assert code == 0, server.text
+    assert elapsed_s < 5.0 + 2.0 + 1.5, elapsed_s  # grace + close timeout + slack
+    assert "Traceback" not in server.text, server.text
+
+
+def _masked_text(text: str) -> bytes:
+    """One masked client text frame (RFC 6455 §5.2), payload under 126 bytes."""
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
 
 
 # -- SIGKILL ----------------------------------------------------------------------------

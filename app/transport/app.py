@@ -109,13 +109,20 @@ class Runtime:
         if self._shut_down:
             return
         self._shut_down = True
+        began = time.monotonic()
         if self._access_task is not None:
             self._access_task.cancel()
             await asyncio.gather(self._access_task, return_exceptions=True)
         await self.manager.close()
+        # One grace for the whole shutdown: what the runs' ending left of it is what the
+        # connections get to deliver their last frames; a client that stopped reading is
+        # then cut off (its pump cancelled, its close frame given up on).
+        left_s = max(0.5, self.settings.shutdown_grace_s - (time.monotonic() - began))
         logger.info("shutdown: closing %d connections", len(self.sessions))
         if self.sessions:
-            await asyncio.gather(*(session.close(1001) for session in list(self.sessions)))
+            await asyncio.gather(
+                *(session.close(1001, timeout_s=left_s) for session in list(self.sessions))
+            )
 
     async def close(self) -> None:
         await self.shutdown()

@@ -44,7 +44,7 @@ from app.transport.gate import Gate
 logger = logging.getLogger(__name__)
 
 PRESENCE_INTERVAL_S = 0.25
-CLOSE_TIMEOUT_S = 2.0  # a close frame to a client that does not read is given up after this
+CLOSE_TIMEOUT_S = 1.0  # a close frame to a client that does not read is given up after this
 
 
 class _ConnectionGone(Exception):

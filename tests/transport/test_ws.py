@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -431,6 +432,43 @@ async def test_presence_bursts_are_coalesced(server: Server) -> None:
         assert all(gap >= 0.2 for gap in gaps), gaps
         await watcher.ok("stop", run_id=run_id)
         await watcher.events_until_end(run_id)
+
+
+async def test_a_storm_of_joins_costs_each_watcher_a_bounded_number_of_presence_frames(
+    server: Server,
+) -> None:
+    # C connections join one run with presence on. Each may get at most one presence
+    # frame per 250 ms (plus the first), however many joins happen meanwhile: C joins
+    # cost O(C) frames in all, not O(C^2).
+    joiners = 150
+    async with connect(server.ws_url) as starter:
+        run_id = (await starter.start("ask", {}))["run_id"]
+        await wait_requires_action(starter, run_id)
+        seen: list[tuple[Conn, int]] = [(starter, 1)]
+        async with contextlib.AsyncExitStack() as stack, asyncio.timeout(30):
+            began = time.monotonic()
+            for _ in range(joiners):
+                conn = await stack.enter_async_context(connect(server.ws_url))
+                result = await conn.ok("subscribe", run_id=run_id)
+                seen.append((conn, result["run"]["watchers"]))
+            # Every connection converges on the final count, from its reply or a frame.
+            frames = []
+            for conn, count in seen:
+                if count != joiners + 1:
+                    await conn.next_frame(watchers_are(run_id, joiners + 1), timeout_s=5)
+                frames.append(int(count != joiners + 1))
+            elapsed_s = time.monotonic() - began
+            for index, (conn, _) in enumerate(seen):
+                await conn.ok("ping")
+                frames[index] += len(conn.take("presence", run_id))
+            everyone = [conn for conn, _ in seen]
+            per_watcher_bound = elapsed_s / 0.25 + 2
+            assert max(frames) <= per_watcher_bound, (max(frames), elapsed_s)
+            assert sum(frames) <= len(everyone) * per_watcher_bound
+            # And far from one frame per join for everyone (C^2 / 2 = 11,000 here).
+            assert sum(frames) < joiners * joiners / 4, sum(frames)
+        await starter.ok("stop", run_id=run_id)
+        await starter.events_until_end(run_id)
 
 
 # -- thread watching ----------------------------------------------------------------------
