@@ -186,3 +186,20 @@ def test_store_does_not_import_engine_or_transport(path: Path) -> None:
         if within(name, "app.engine") or within(name, "app.transport")
     }
     assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", modules("access"), ids=module_name)
+def test_access_decides_without_engine_or_transport(path: Path) -> None:
+    # Access may use core and the store (the share table), nothing above them.
+    bad = {
+        name
+        for name in imported_names(path)
+        if any(within(name, layer) for layer in ("app.engine", "app.transport", "app.agents"))
+    }
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", modules("engine") + modules("store"), ids=module_name)
+def test_engine_and_store_know_nothing_of_access(path: Path) -> None:
+    bad = {name for name in imported_names(path) if within(name, "app.access")}
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
