@@ -10,7 +10,7 @@ Two objects, each owning one WebSocket:
   it touches nothing else. It yields every event after its cursor exactly once, in
   order, and stops after the run's terminal ``status`` event::
 
-      async with Client(url) as client:
+      async with Client(url, token=TOKEN) as client:   # token: PROTOCOL.md §8
           run = await client.start("counter", {"n": 100})
           async with client.watch(run["run_id"]) as events:
               async for event in events:
@@ -19,6 +19,10 @@ Two objects, each owning one WebSocket:
 Errors::
 
     ClientError                 code from PROTOCOL.md §7 (a reply with ok: false)
+     ├── RefusedError           "unauthorized" | "forbidden" | "rate_limited": the handshake
+     │                          was refused (HTTP 401/403/429, or a close 1008 before the
+     │                          welcome), or the token of an open connection expired or was
+     │                          revoked (close 4401); never retried, except rate_limited
      ├── ConnectionLostError    "connection_lost": the socket closed, or reconnecting gave up
      ├── GapError               "gap": events out of order or an epoch change without a reset
      └── (code "protocol")      the server did not greet with a runcast welcome frame
@@ -36,7 +40,7 @@ from collections.abc import Callable
 from typing import Any, Final, Self
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ Listener = Callable[[JsonObject], None]
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "stopped", "interrupted"})
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024  # a frame holds at most 1,000 events
 _RETRYABLE = (OSError, TimeoutError, ConnectionClosed, InvalidHandshake)
+CLOSE_POLICY: Final = 1008  # the handshake was refused by policy (PROTOCOL.md §7)
+CLOSE_TOKEN_GONE: Final = 4401  # the connection's token expired or was revoked
+_REFUSED_STATUS: Final = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
+_REFUSED_CODES: Final = ("unauthorized", "forbidden", "rate_limited")
 
 
 class ClientError(Exception):
@@ -74,6 +82,75 @@ class ConnectionLostError(ClientError):
         super().__init__("connection_lost", message)
 
 
+class RefusedError(ClientError):
+    """The server would not let this client in, or no longer does.
+
+    ``code`` is ``unauthorized`` (no token, an unknown one, or one that expired or was
+    revoked: ask for another), ``forbidden`` (the token's role or scope, or the origin,
+    does not allow it) or ``rate_limited`` (``retry_after`` seconds, when the server said).
+    ``status`` is the HTTP status of a refused handshake, ``close_code`` the WebSocket close
+    code (1008 for a handshake refused after accepting it, 4401 for a revoked token); the
+    other is None.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        close_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        details = {"status": status, "close_code": close_code, "retry_after": retry_after}
+        super().__init__(code, message, {k: v for k, v in details.items() if v is not None})
+        self.status = status
+        self.close_code = close_code
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_status(cls, url: str, exc: InvalidStatus) -> RefusedError | None:
+        """The refusal an HTTP answer to the handshake means, or None when it is no refusal
+        (a 404, a 5xx: worth retrying or reporting as they are)."""
+        response = exc.response
+        code = _REFUSED_STATUS.get(response.status_code)
+        if code is None:
+            return None
+        error: JsonObject = {}
+        try:
+            body = json.loads(response.body or b"")
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                error = body["error"]
+        except ValueError:
+            pass
+        retry_after = _seconds(error.get("retry_after", response.headers.get("Retry-After")))
+        message = str(error.get("message") or f"{url} refused the connection")
+        code = str(error.get("code") or code)
+        return cls(code, message, status=response.status_code, retry_after=retry_after)
+
+    @classmethod
+    def from_close(cls, url: str, exc: ConnectionClosed) -> RefusedError | None:
+        """The refusal a close frame means (1008 or 4401), or None for any other close."""
+        close = exc.rcvd
+        if close is None or close.code not in (CLOSE_POLICY, CLOSE_TOKEN_GONE):
+            return None
+        reason = close.reason
+        named = reason.split(":", 1)[0].strip().lower()  # a 1008 reason is "code: message"
+        if close.code == CLOSE_POLICY and named in _REFUSED_CODES:
+            code = named
+        else:
+            code = "unauthorized"
+        message = reason or f"{url} closed the connection ({close.code})"
+        return cls(code, message, close_code=close.code)
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class GapError(ClientError):
     """The server broke the delivery guarantee; reported, never skipped."""
 
@@ -81,12 +158,35 @@ class GapError(ClientError):
         super().__init__("gap", message)
 
 
-async def _open(url: str, open_timeout_s: float) -> tuple[ClientConnection, JsonObject]:
-    """Connect and read the welcome frame; the connection is closed if that fails."""
-    ws = await connect(url, open_timeout=open_timeout_s, max_size=MAX_MESSAGE_BYTES)
+async def _open(
+    url: str, open_timeout_s: float, token: str | None = None
+) -> tuple[ClientConnection, JsonObject]:
+    """Connect (with ``token`` as a bearer token) and read the welcome frame; the
+    connection is closed if that fails.
+
+    Raises:
+        RefusedError: the handshake was answered 401, 403 or 429, or closed with 1008 or
+            4401 before the welcome frame.
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        ws = await connect(
+            url, open_timeout=open_timeout_s, max_size=MAX_MESSAGE_BYTES, additional_headers=headers
+        )
+    except InvalidStatus as exc:
+        refused = RefusedError.from_status(url, exc)
+        if refused is None:
+            raise
+        raise refused from exc
     try:
         async with asyncio.timeout(open_timeout_s):
-            welcome = json.loads(await ws.recv())
+            try:
+                welcome = json.loads(await ws.recv())
+            except ConnectionClosed as exc:
+                refused = RefusedError.from_close(url, exc)
+                if refused is None:
+                    raise
+                raise refused from exc
         if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
             raise ClientError("protocol", f"expected a welcome frame, got {welcome!r}")
     except BaseException:
@@ -96,11 +196,19 @@ async def _open(url: str, open_timeout_s: float) -> tuple[ClientConnection, Json
 
 
 class Client:
-    """One WebSocket to a runcast server: requests by ``ref``, other frames to listeners."""
+    """One WebSocket to a runcast server: requests by ``ref``, other frames to listeners.
 
-    def __init__(self, url: str, *, open_timeout_s: float = 10.0) -> None:
+    ``token`` is sent as ``Authorization: Bearer TOKEN`` on the handshake (a server in
+    token mode, PROTOCOL.md §8); its watches use it too. A refused handshake raises
+    ``RefusedError`` from ``async with``; when the server closes the connection because
+    the token expired or was revoked (4401), pending and later requests raise it.
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, open_timeout_s: float = 10.0) -> None:
         self.url = url
+        self.token = token
         self.open_timeout_s = open_timeout_s
+        self.refused: RefusedError | None = None  # why the server closed the connection
         self.welcome: JsonObject = {}
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -111,9 +219,12 @@ class Client:
     async def __aenter__(self) -> Self:
         """Connect, read the welcome frame and start the reader.
 
+        Raises: RefusedError (the handshake was refused).
+
         Cancellation: safe; a half-open connection is aborted.
         """
-        self._ws, self.welcome = await _open(self.url, self.open_timeout_s)
+        self.refused = None
+        self._ws, self.welcome = await _open(self.url, self.open_timeout_s, self.token)
         self._reader = asyncio.create_task(self._read(self._ws), name=f"client {self.url}")
         return self
 
@@ -163,10 +274,11 @@ class Client:
                     listener(frame)
         except ConnectionClosed as exc:
             cause = exc
+            self.refused = RefusedError.from_close(self.url, exc)
         finally:
             for future in self._replies.values():
                 if not future.done():
-                    error = ConnectionLostError(f"connection to {self.url} closed")
+                    error = self.refused or ConnectionLostError(f"connection to {self.url} closed")
                     error.__cause__ = cause
                     future.set_exception(error)
 
@@ -175,11 +287,15 @@ class Client:
 
         Raises:
             ClientError: the reply had ``ok: false`` (its code, message and details).
+            RefusedError: the server closed the connection: the token expired or was
+                revoked (4401), or a policy refused it (1008).
             ConnectionLostError: the connection is closed or closed before the reply.
 
         Cancellation: safe; a reply that comes later is dropped.
         """
         if self._ws is None or self._reader is None or self._reader.done():
+            if self.refused is not None:
+                raise self.refused
             raise ConnectionLostError(f"not connected to {self.url}")
         self._ref += 1
         ref = self._ref
@@ -189,7 +305,8 @@ class Client:
             try:
                 await self._ws.send(json.dumps({"op": op, "ref": ref, **fields}))
             except ConnectionClosed as exc:
-                raise ConnectionLostError(f"connection to {self.url} closed") from exc
+                refused = RefusedError.from_close(self.url, exc)
+                raise refused or ConnectionLostError(f"connection to {self.url} closed") from exc
             reply = await future
         finally:
             del self._replies[ref]
@@ -239,12 +356,14 @@ class Client:
         return float((await self.request("ping"))["t"])
 
     def watch(self, run_id: str, after: int = 0, **options: Any) -> Watch:
-        """A Watch of ``run_id`` on a connection of its own to this client's URL."""
+        """A Watch of ``run_id`` on a connection of its own to this client's URL, with
+        this client's token unless ``token=`` says otherwise."""
+        options.setdefault("token", self.token)
         return Watch(self.url, run_id, after, **options)
 
 
 def watch(url: str, run_id: str, after: int = 0, **options: Any) -> Watch:
-    """A Watch of ``run_id`` at ``url``; see Watch for the options."""
+    """A Watch of ``run_id`` at ``url``; see Watch for the options (``token=`` among them)."""
     return Watch(url, run_id, after, **options)
 
 
@@ -259,7 +378,13 @@ class Watch:
     and goes on with the events after it. Iteration stops after the terminal ``status``
     event, or at once when the run ended at or before the cursor (after a reset: see
     ``snapshot["state"]["status"]``). ``url`` may be changed while it runs (the server
-    moved); the next reconnect uses it.
+    moved); the next reconnect uses it, and so does ``token``.
+
+    With ``token``, each handshake sends ``Authorization: Bearer TOKEN``. A refusal is
+    not an outage: a handshake answered 401 or 403 (or closed with 1008), and a close
+    with 4401 (the token expired or was revoked), end the iteration at once with
+    ``RefusedError`` instead of reconnecting; only ``rate_limited`` is retried, no sooner
+    than its ``retry_after``.
 
     Attributes: ``cursor`` (the last index yielded), ``epoch``, ``snapshot`` (the last
     snapshot frame), ``resets``, ``reconnects``, ``info`` (RunInfo of the last subscribe).
@@ -281,8 +406,10 @@ class Watch:
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 10.0,
+        token: str | None = None,
     ) -> None:
         self.url = url
+        self.token = token
         self.run_id = run_id
         self.cursor = after
         self.epoch = epoch
@@ -315,7 +442,10 @@ class Watch:
         """The next event; reconnects as needed.
 
         Raises:
-            ClientError: the subscribe was refused (``not_found``, ``cursor_out_of_range``).
+            ClientError: the subscribe was refused (``not_found``, ``cursor_out_of_range``,
+                ``forbidden``).
+            RefusedError: the server refused the connection, or closed it because the
+                token expired or was revoked (4401).
             ConnectionLostError: reconnecting gave up.
             GapError: the server broke its delivery guarantee.
 
@@ -368,9 +498,13 @@ class Watch:
                 frame: JsonObject = json.loads(await self._ws.recv())
                 return frame
             except ConnectionClosed as exc:
-                logger.info("run_id=%s watch connection lost (%s); resuming", self.run_id, exc)
                 self._ws.transport.abort()
                 self._ws = None
+                refused = RefusedError.from_close(self.url, exc)
+                if refused is not None:
+                    logger.info("run_id=%s watch refused (%s); not resuming", self.run_id, exc)
+                    raise refused from exc
+                logger.info("run_id=%s watch connection lost (%s); resuming", self.run_id, exc)
                 self.reconnects += 1
 
     async def _connect(self) -> None:
@@ -381,10 +515,14 @@ class Watch:
             try:
                 await self._subscribe()
                 return
-            except _RETRYABLE as exc:
+            except (*_RETRYABLE, RefusedError) as exc:
+                if isinstance(exc, RefusedError) and exc.code != "rate_limited":
+                    raise
                 attempt += 1
                 delay_s = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
                 delay_s *= 0.5 + random.random() / 2
+                if isinstance(exc, RefusedError) and exc.retry_after is not None:
+                    delay_s = max(delay_s, exc.retry_after)
                 out_of_attempts = self.max_attempts is not None and attempt >= self.max_attempts
                 if out_of_attempts or time.monotonic() + delay_s - started > self.max_outage_s:
                     raise ConnectionLostError(
@@ -395,7 +533,7 @@ class Watch:
                 await asyncio.sleep(delay_s)
 
     async def _subscribe(self) -> None:
-        ws, _ = await _open(self.url, self.open_timeout_s)
+        ws, _ = await _open(self.url, self.open_timeout_s, self.token)
         try:
             op: JsonObject = {"op": "subscribe", "ref": 1, "run_id": self.run_id}
             op |= {"after": self.cursor, "snapshot": self._want_snapshot, "presence": False}
@@ -403,7 +541,13 @@ class Watch:
                 op["epoch"] = self.epoch
             await ws.send(json.dumps(op))
             async with asyncio.timeout(self.open_timeout_s):
-                reply = json.loads(await ws.recv())
+                try:
+                    reply = json.loads(await ws.recv())
+                except ConnectionClosed as exc:
+                    refused = RefusedError.from_close(self.url, exc)
+                    if refused is None:
+                        raise
+                    raise refused from exc
             assert reply.get("type") == "reply", reply  # nothing else is subscribed yet
             if not reply["ok"]:
                 raise ClientError.from_reply(reply["error"])

@@ -1,23 +1,55 @@
-// The runcast page: the shell (connection state, start form, recent runs), the router
-// (#/, #/runs/{run_id}, #/threads/{thread_id}) and the glue between views and the client.
+// The runcast page: the shell (connection state, access token, start form, recent runs),
+// the router (#/, #/runs/{run_id}, #/threads/{thread_id}) and the glue between views and
+// the client.
+//
+// On load the page reads GET /api/health. A server in token mode (PROTOCOL.md §8) gets
+// the token of a share link (#/runs/{id}?token=..., taken out of the address bar at
+// once) or the one this tab kept; without either the page asks for one and shows nothing
+// else until the server takes it. A token refused later (revoked, expired: close 4401)
+// brings the form back.
 
 import { RuncastClient } from "./runcast.js";
+import { checkToken, roleAllows, storedToken, storeToken, takeLinkToken, tokenGrant } from "./access.js";
 import { RunRegistry } from "./model.js";
 import { mountRunView } from "./run-view.js";
 import { mountThreadView } from "./thread-view.js";
 import { errorText, h, schemaForm, shortId, statusBadge, timeAgo } from "./ui.js";
 
-const client = new RuncastClient();
+const linkToken = takeLinkToken(); // first: before anything reads or records the address
+const client = new RuncastClient({ autoConnect: false });
 const runs = new RunRegistry(client);
+let resolveAgents;
 
 /** What the views share. */
 const app = {
   client,
   runs,
   agents: [],
-  agentsReady: null,
+  agentsReady: new Promise((resolve) => {
+    resolveAgents = resolve;
+  }),
   threadId: null, // the current thread: its runs update live in the recent list
+  auth: null, // "open" | "token", from GET /api/health (null until it answered)
+  role: null, // the token's role when the page knows it ("viewer", ...), else null
+  scope: null, // what a share token reaches ({kind, id}); null: everything its role allows
   _threadListeners: new Set(),
+
+  /** May this page's token `action` ("stop", "share", ...)? Unknown roles may try. */
+  can(action) {
+    if (app.auth !== "token") return true;
+    // A share reaches one run or thread, never the server: no new thread, no new run there.
+    if (app.scope && (action === "start" || action === "create")) return false;
+    return roleAllows(app.role, action);
+  },
+
+  /** A read-only share link of a run (PROTOCOL.md §8): {share_id, token, url, ...}. */
+  share(runId, { role = "viewer", expiresInS = 86_400 } = {}) {
+    return client.api(`/api/runs/${runId}/share`, { method: "POST", body: { role, expires_in: expiresInS } });
+  },
+
+  revokeShare(shareId) {
+    return client.api(`/api/shares/${shareId}`, { method: "DELETE" });
+  },
 
   navigate(hash) {
     if (location.hash === hash) route();
@@ -105,12 +137,154 @@ client.on("state", ({ state, retryAt, attempt }) => {
       connecting: "Connecting…",
       connected: "Connected",
       offline: "Offline: waiting for the network",
+      unauthorized: "Token refused",
       closed: "Closed",
     }[state];
   }
+  // The server was out of reach when the page loaded: learn its mode when it is back.
+  if (state === "reconnecting" && app.auth === null) {
+    readHealth().then(() => {
+      if (app.auth !== "token" || client.token || !authBox.hidden) return;
+      client.disconnect();
+      askForToken("This runcast server asks for an access token.");
+    });
+  }
 });
 
-client.on("welcome", () => refreshRecent());
+client.on("welcome", (frame) => {
+  if (typeof frame.role === "string" && frame.role !== app.role) {
+    app.role = frame.role;
+    renderAccess();
+    route();
+  }
+  refreshRecent();
+});
+
+// -- access: the token ---------------------------------------------------------------------
+
+const layout = document.getElementById("layout");
+const authBox = document.getElementById("auth");
+const authWhy = document.getElementById("auth-why");
+const tokenForm = document.getElementById("token-form");
+const tokenInput = document.getElementById("token-input");
+const tokenSubmit = document.getElementById("token-submit");
+const tokenError = document.getElementById("token-error");
+const forgetToken = document.getElementById("forget-token");
+const startSection = document.getElementById("start-form").closest("section");
+
+async function readHealth() {
+  let health = null;
+  try {
+    // Read as it is: a degraded store answers 503, with the mode all the same.
+    const response = await fetch(`${client.httpBase}/api/health`, { cache: "no-store" });
+    health = await response.json();
+  } catch {
+    health = null;
+  }
+  if (typeof health?.auth !== "string") return null; // out of reach: the client retries
+  app.auth = health.auth === "token" ? "token" : "open";
+  return health;
+}
+
+async function boot() {
+  const health = await readHealth();
+  if (health && app.auth === "open") {
+    storeToken(null); // a token from a link or an earlier session is of no use here
+    begin(null);
+    return;
+  }
+  const token = linkToken || storedToken();
+  if (token) begin(token);
+  else if (app.auth === "token") askForToken("This runcast server asks for an access token.");
+  else begin(null); // the server is out of reach: connect, and learn its mode when it answers
+}
+
+/** Use `token` (null: none): connect, load what the page shows, show the route. */
+function begin(token) {
+  storeToken(token);
+  client.setToken(token);
+  const grant = tokenGrant(token);
+  app.role = grant?.role ?? null;
+  app.scope = grant?.scope ?? null;
+  authBox.hidden = true;
+  layout.hidden = false;
+  renderAccess();
+  if (client.state === "idle" || client.state === "unauthorized") client.connect();
+  loadAgents();
+  route();
+}
+
+/** Hide everything but the token form, which says `why`. */
+function askForToken(why, error = "") {
+  unmount?.();
+  unmount = null;
+  main.replaceChildren();
+  app._watch?.close();
+  app._watch = null;
+  app.threadId = null;
+  recent.clear();
+  runs.collect();
+  renderRecent();
+  renderThreadBox();
+  layout.hidden = true;
+  authBox.hidden = false;
+  forgetToken.hidden = true;
+  authWhy.textContent = why;
+  tokenError.textContent = error;
+  tokenInput.removeAttribute("aria-invalid");
+  tokenSubmit.disabled = false;
+  document.title = "Access token · runcast";
+  tokenInput.focus();
+}
+
+function renderAccess() {
+  forgetToken.hidden = !client.token;
+  startSection.hidden = !app.can("start");
+}
+
+tokenForm.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const token = tokenInput.value.trim();
+  tokenError.textContent = "";
+  if (!token) {
+    tokenInput.setAttribute("aria-invalid", "true");
+    tokenError.textContent = "Enter a token.";
+    tokenInput.focus();
+    return;
+  }
+  tokenSubmit.disabled = true;
+  const check = await checkToken(client.httpBase, token);
+  tokenSubmit.disabled = false;
+  if (!check.ok) {
+    tokenInput.setAttribute("aria-invalid", "true");
+    tokenError.textContent = check.message;
+    tokenInput.focus();
+    return;
+  }
+  tokenInput.value = "";
+  tokenInput.removeAttribute("aria-invalid");
+  begin(token);
+});
+
+forgetToken.addEventListener("click", () => {
+  storeToken(null);
+  client.disconnect();
+  client.setToken(null);
+  app.role = null;
+  app.scope = null;
+  askForToken("The token is forgotten: this tab no longer holds one.");
+});
+
+client.on("auth", ({ code, closeCode, message }) => {
+  if (app.auth === "open") return;
+  if (code === "unauthorized") storeToken(null); // unknown, expired or revoked: of no use
+  if (!authBox.hidden) return;
+  // An HTTP 401 may leave the socket up: nothing more goes out without a token.
+  if (client.state !== "unauthorized") client.disconnect();
+  if (closeCode === 4401) askForToken("Your access token expired or was revoked. Enter another one to go on.");
+  else if (code === "forbidden") askForToken("The server refused the connection.", message || "");
+  else askForToken("The server no longer takes this tab's token. Enter another one to go on.");
+});
 
 // -- recent runs -------------------------------------------------------------------------
 
@@ -199,12 +373,14 @@ async function loadAgents() {
     agentSelect.replaceChildren(...agents.map((a) => h("option", { value: a.name, selected: a.name === "demo" }, a.name)));
     agentSelect.disabled = false;
     startButton.disabled = false;
+    agentHelp.textContent = "";
     renderAgentInput();
   } catch (err) {
     agentHelp.textContent = `Could not load agents: ${errorText(err)}`;
+    if (err.status === 401) return; // the token form is shown; loaded again after it
   }
+  resolveAgents();
 }
-app.agentsReady = loadAgents();
 
 function renderAgentInput() {
   const agent = app.agents.find((a) => a.name === agentSelect.value);
@@ -287,6 +463,7 @@ function currentRunId() {
 }
 
 function route() {
+  if (!authBox.hidden) return; // nothing is shown until the server takes a token
   unmount?.();
   unmount = null;
   const hash = location.hash || "#/";
@@ -318,7 +495,12 @@ function route() {
   firstRoute = false;
 }
 
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => {
+  // A share link opened in this tab: its token replaces the one held.
+  const token = takeLinkToken();
+  if (token && token !== client.token && app.auth !== "open") begin(token);
+  else route();
+});
 renderThreadBox();
-route();
+boot();
 

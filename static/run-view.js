@@ -1,6 +1,7 @@
 // The run view (#/runs/{run_id}): the message streaming live, status, watchers, usage,
-// Stop, the input form of a run in requires_action, and the replay panel: the raw event
-// log with indexes and a time-travel slider over the snapshot endpoint.
+// Stop, the input form of a run in requires_action, a read-only share link (token mode),
+// and the replay panel: the raw event log with indexes and a time-travel slider over the
+// snapshot endpoint. A read-only token sees the run without Stop, answer or Share.
 
 import { eyeIcon, h, json, MessageView, schemaForm, shortId, statusBadge, errorText, timeAgo } from "./ui.js";
 import { initialState, TERMINAL_STATUSES } from "./runcast.js";
@@ -19,7 +20,23 @@ export function mountRunView(root, app, runId) {
   const badge = h("span", { dataset: { testid: "run-status" }, class: "badge status-queued" }, "queued");
   const watchers = h("span", { class: "watchers", dataset: { testid: "watchers" }, title: "tabs watching this run" });
   const usage = h("span", { class: "usage", dataset: { testid: "usage" } });
-  const stop = h("button", { type: "button", class: "danger", dataset: { testid: "stop" }, onclick: onStop }, "Stop");
+  const stop = h(
+    "button",
+    { type: "button", class: "danger", dataset: { testid: "stop" }, onclick: onStop, hidden: !app.can("stop") },
+    "Stop",
+  );
+  const readOnly = h("span", { class: "read-only", dataset: { testid: "read-only" }, hidden: app.can("stop") }, "Read-only");
+  const shareButton = h(
+    "button",
+    {
+      type: "button",
+      dataset: { testid: "share" },
+      onclick: onShare,
+      hidden: !(app.auth === "token" && app.can("share")),
+    },
+    "Share read-only link",
+  );
+  const sharePanel = h("div", { class: "share-panel", dataset: { testid: "share-panel" }, hidden: true });
   const threadLink = h("a", { class: "thread-link" });
   const meta = h("p", { class: "meta" }, h("code", { title: runId }, shortId(runId)), " · ", threadLink, " · ", h("span", { class: "created" }));
   const notice = h("div", { class: "notice", role: "status", "aria-live": "polite" });
@@ -86,9 +103,15 @@ export function mountRunView(root, app, runId) {
   const view = h(
     "article",
     { class: "run-view", dataset: { testid: "run-view", runId } },
-    h("header", { class: "run-head" }, h("div", { class: "run-title" }, title, badge), h("div", { class: "run-stats" }, watchers, usage, stop)),
+    h(
+      "header",
+      { class: "run-head" },
+      h("div", { class: "run-title" }, title, badge),
+      h("div", { class: "run-stats" }, watchers, usage, readOnly, shareButton, stop),
+    ),
     meta,
     notice,
+    sharePanel,
     message.element,
     ending,
     inputSlot,
@@ -112,13 +135,18 @@ export function mountRunView(root, app, runId) {
 
   function render() {
     if (model.error) {
-      title.textContent = "Run not found";
+      const forbidden = model.error.code === "forbidden";
+      title.textContent = forbidden ? "Run not available" : "Run not found";
       view.replaceChildren(
-        h("h1", { tabindex: "-1" }, "Run not found"),
+        h("h1", { tabindex: "-1" }, title.textContent),
         h(
           "p",
           { class: "run-error", role: "alert" },
-          model.error.code === "not_found" ? `There is no run ${runId}.` : errorText(model.error),
+          model.error.code === "not_found"
+            ? `There is no run ${runId}.`
+            : forbidden
+              ? `This page's token does not reach run ${runId}.`
+              : errorText(model.error),
         ),
         h("p", {}, h("a", { href: "#/" }, "Back to the start page")),
       );
@@ -160,6 +188,18 @@ export function mountRunView(root, app, runId) {
     }
     if (pending.request_id === inputRequestId) return; // keep what the user is typing
     inputRequestId = pending.request_id;
+    if (!app.can("respond")) {
+      inputSlot.replaceChildren(
+        h(
+          "p",
+          { class: "input-form read-only", dataset: { testid: "input-read-only" } },
+          h("strong", {}, "The run asks: "),
+          pending.prompt || "input",
+          " (this token may watch, not answer)",
+        ),
+      );
+      return;
+    }
     const form = schemaForm(pending.schema || { type: "string" }, { prefix: "input" });
     const send = h("button", { type: "submit", class: "primary" }, "Send answer");
     const error = h("p", { class: "run-error", role: "alert" });
@@ -293,6 +333,81 @@ export function mountRunView(root, app, runId) {
   }
 
   // -- actions ---------------------------------------------------------------------------
+  async function onShare() {
+    shareButton.disabled = true;
+    try {
+      const share = await app.share(runId);
+      showShare(share);
+    } catch (err) {
+      notice.textContent = `Could not share: ${errorText(err)}`;
+    } finally {
+      shareButton.disabled = false;
+    }
+  }
+
+  /** The share link, absolute, with Copy and Revoke. */
+  function showShare(share) {
+    const url = new URL(share.url, location.href).href;
+    const input = h("input", {
+      type: "url",
+      id: "share-url",
+      readonly: true,
+      value: url,
+      dataset: { testid: "share-url" },
+      onfocus: () => input.select(),
+    });
+    const status = h("span", { class: "hint", role: "status", "aria-live": "polite", dataset: { testid: "share-status" } });
+    const copy = h(
+      "button",
+      {
+        type: "button",
+        dataset: { testid: "share-copy" },
+        onclick: async () => {
+          try {
+            await navigator.clipboard.writeText(url);
+            status.textContent = "Copied.";
+          } catch {
+            input.focus();
+            input.select();
+            // The older way, where the clipboard API is not allowed (a page over plain http).
+            status.textContent = document.execCommand("copy") ? "Copied." : "Select the link and copy it.";
+          }
+        },
+      },
+      "Copy",
+    );
+    const revoke = h(
+      "button",
+      {
+        type: "button",
+        class: "danger",
+        dataset: { testid: "share-revoke" },
+        onclick: async () => {
+          revoke.disabled = true;
+          try {
+            await app.revokeShare(share.share_id);
+            input.disabled = true;
+            copy.disabled = true;
+            status.textContent = "Revoked: the link no longer opens this run.";
+          } catch (err) {
+            revoke.disabled = false;
+            status.textContent = `Could not revoke: ${errorText(err)}`;
+          }
+        },
+      },
+      "Revoke",
+    );
+    const expires = new Date(share.expires_at * 1000).toLocaleString();
+    sharePanel.replaceChildren(
+      h("label", { for: "share-url" }, `Read-only link (${share.role}): whoever holds it can watch this run until it expires`),
+      h("div", { class: "share-row" }, input, copy, revoke),
+      h("small", { class: "hint" }, `Expires ${expires}.`),
+      status,
+    );
+    sharePanel.hidden = false;
+    input.focus();
+  }
+
   async function onStop() {
     stop.disabled = true;
     stop.textContent = "Stopping…";
@@ -300,7 +415,8 @@ export function mountRunView(root, app, runId) {
       const result = await app.stop(runId);
       if (!result.stopping) notice.textContent = `The run had already ended (${result.status}).`;
     } catch (err) {
-      notice.textContent = `Stop failed: ${errorText(err)}`;
+      notice.textContent =
+        err.code === "forbidden" ? "This page's token may watch this run, not stop it." : `Stop failed: ${errorText(err)}`;
       stop.disabled = false;
       stop.textContent = "Stop";
     }

@@ -8,8 +8,9 @@
  *
  *     import { RuncastClient } from "./runcast.js";
  *
- *     const client = new RuncastClient({ url: "wss://runcast.example.com/ws" });
+ *     const client = new RuncastClient({ url: "wss://runcast.example.com/ws", token });
  *     client.on("state", ({ state, retryAt }) => console.log("connection:", state));
+ *     client.on("auth", ({ code }) => askForAnotherToken(code)); // then client.setToken(t)
  *     const { run, subscription } = await client.start("demo", { tokens: 20 }, {
  *       onEvent: (event) => console.log(event.i, event.type, event.data),
  *       onEnd: (event) => console.log("ended", event.data.status),
@@ -35,20 +36,26 @@
  *   heartbeatMs  send a `ping` after this long without any frame (default 15000); a
  *                ping unanswered for `heartbeatMs` closes the socket and reconnects
  *   requestTimeoutMs  a request without a reply after this long rejects (default 15000)
+ *   token        a bearer token, for a server in token mode (PROTOCOL.md §8); see Access
  *   autoConnect  connect now (default true); otherwise call `connect()`
  *   WebSocket    constructor to use (default: globalThis.WebSocket)
  *
  * ## Connection
  *
  *   client.state        "idle" | "connecting" | "connected" | "reconnecting" | "offline"
- *                       | "closed"
+ *                       | "unauthorized" | "closed"
  *   client.on(name, fn) listen; returns a function that removes the listener. Names:
  *     "state"    { state, attempt, retryAt (ms since the epoch; when "reconnecting"),
  *                  error? (why the socket went), reconnect (when "connected" again) }
  *     "welcome"  the server's welcome frame (after every (re)connect)
  *     "frame"    every parsed server frame (for inspectors and debugging)
  *     "thread"   every `thread` frame (also delivered to the watch's own callback)
- *   client.connect()    connect now (also: retry now while "reconnecting")
+ *     "auth"     { code: "unauthorized" | "forbidden", message, closeCode?, status? }:
+ *                the server refused this client's token (see Access)
+ *   client.connect()    connect now (also: retry now while "reconnecting" or
+ *                       "unauthorized")
+ *   client.disconnect() close the socket and stay "idle" (no reconnect) until `connect()`;
+ *                       subscriptions and watches are kept and resume then
  *   client.close()      close for good; pending requests reject with code "closed"
  *   client.stats        { connects, reconnects, framesIn, framesOut }
  *   client.connectionId the server's id for the current connection, or null
@@ -56,6 +63,30 @@
  *   While the browser reports itself offline (`navigator.onLine === false` and the
  *   window's `offline` event) the client closes its socket at once, so that a dead
  *   link is noticed without waiting for TCP, and reconnects when `online` fires.
+ *
+ * ## Access (PROTOCOL.md §7, §8)
+ *
+ *   With `token`, the WebSocket offers the subprotocols ["runcast", "runcast.bearer." +
+ *   token] (a browser cannot set headers on a WebSocket; the server selects "runcast")
+ *   and every `api()` call sends `Authorization: Bearer TOKEN`. Without one, nothing is
+ *   offered or sent: a server in open mode needs none.
+ *
+ *   A refusal is not an outage, so it is not retried: the client goes to state
+ *   "unauthorized", rejects pending requests with that code, emits "auth" and waits for
+ *   `setToken()` (or `connect()`). It is a refusal when
+ *     - the socket is closed with 4401 (its token expired or was revoked) or 1008 (the
+ *       handshake was refused by policy; the close reason says why);
+ *     - the handshake fails before the socket opens (a browser cannot read the HTTP
+ *       status of a refused handshake) and, when the client holds a token, a probe
+ *       `GET {httpBase}/api/runs?limit=1` with it answers 401 or 403. A 429 probe waits
+ *       its `retry_after` before the next attempt; anything else is an outage, retried
+ *       with backoff as usual.
+ *   An `api()` answer 401 emits "auth" too (the connection state is not touched).
+ *
+ *   client.token                 the token in use, or null
+ *   client.setToken(token)       use `token` (null: none) from now on; an open or opening
+ *                                socket is replaced at once by one that presents it (when
+ *                                "idle" or "unauthorized", call `connect()` after it)
  *
  * ## Requests (each op gets exactly one reply, matched by `ref`)
  *
@@ -72,7 +103,8 @@
  *       PROTOCOL.md §6: "send" {content, agent?, multitask?, expected_revision?},
  *       "rewind" {turn_id}, "edit" {turn_id, content}, "regenerate", "undo".
  *   client.api(path, { method, body, query }?) -> Promise<JSON> over HTTP
- *       (`/api/...`); non-2xx answers reject with RuncastError (plus `status`).
+ *       (`/api/...`, with the token); non-2xx answers reject with RuncastError (plus
+ *       `status`, and `retry_after` on 429).
  *
  * ## Subscriptions
  *
@@ -248,6 +280,7 @@ export class RuncastClient {
     this.heartbeatMs = options.heartbeatMs ?? 15_000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 15_000;
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._token = options.token || null;
 
     this.state = "idle";
     this.connectionId = null;
@@ -265,16 +298,17 @@ export class RuncastClient {
     this._lastFrameAt = 0;
     this._pingOutstanding = false;
     this._closed = false;
+    this._attemptSeq = 0; // bumped by every connect(): a late probe of an older attempt is ignored
 
     this._onOffline = () => {
-      if (this._closed) return;
+      if (this._closed || this.state === "idle" || this.state === "unauthorized") return;
       clearTimeout(this._retryTimer);
       this._retryTimer = null;
       this._dropSocket("the browser went offline");
       this._setState("offline");
     };
     this._onOnline = () => {
-      if (this._closed) return;
+      if (this._closed || this.state !== "offline") return;
       this._attempt = 0;
       this.connect();
     };
@@ -308,6 +342,76 @@ export class RuncastClient {
     this._emit("state", { state, attempt: this._attempt, ...extra });
   }
 
+  // -- access ------------------------------------------------------------------------------
+
+  get token() {
+    return this._token;
+  }
+
+  /** Use `token` (null: none) from now on; a live or opening socket is replaced at once. */
+  setToken(token) {
+    this._token = token || null;
+    if (this._closed) return;
+    if (this._ws || this.state === "connecting" || this.state === "reconnecting") {
+      this._replaceSocket();
+      this.connect();
+    }
+  }
+
+  _authHeaders() {
+    return this._token ? { Authorization: `Bearer ${this._token}` } : {};
+  }
+
+  /** The server refused this client: no reconnect until setToken() or connect(). */
+  _refused(detail) {
+    this._stopHeartbeat();
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this.connectionId = null;
+    const message = detail.message || "the server refused the token";
+    this._rejectPending(detail.code, message);
+    this._setState("unauthorized", { error: message, code: detail.code });
+    this._emit("auth", { ...detail, message });
+  }
+
+  /**
+   * A handshake failed before the socket opened: an outage, or a refusal whose HTTP status
+   * a browser hides. With a token, ask the HTTP API with it to tell which.
+   */
+  async _probe(seq, reason) {
+    let response = null;
+    if (this._token) {
+      try {
+        response = await fetch(`${this.httpBase}/api/runs?limit=1`, {
+          headers: { Accept: "application/json", ...this._authHeaders() },
+          cache: "no-store",
+        });
+      } catch {
+        response = null; // the server is out of reach: an outage
+      }
+    }
+    if (seq !== this._attemptSeq || this._closed || this._ws) return; // overtaken meanwhile
+    const status = response?.status;
+    if (status === 401 || status === 403) {
+      const error = (await response.json().catch(() => null))?.error || {};
+      if (seq !== this._attemptSeq || this._closed || this._ws) return;
+      this._refused({
+        code: error.code || (status === 401 ? "unauthorized" : "forbidden"),
+        message: error.message,
+        status,
+      });
+      return;
+    }
+    let minDelayMs = 0;
+    if (status === 429) {
+      const error = (await response.json().catch(() => null))?.error || {};
+      const seconds = Number(error.retry_after ?? response.headers.get("Retry-After"));
+      if (Number.isFinite(seconds)) minDelayMs = seconds * 1000;
+      if (seq !== this._attemptSeq || this._closed || this._ws) return;
+    }
+    this._onSocketGone(reason, minDelayMs);
+  }
+
   // -- the socket --------------------------------------------------------------------------
 
   /** Connect now, or retry now if waiting to reconnect. No-op when connected. */
@@ -316,6 +420,7 @@ export class RuncastClient {
     if (this._ws) return;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
+    const seq = ++this._attemptSeq;
     if (globalThis.navigator && globalThis.navigator.onLine === false) {
       this._setState("offline");
       return;
@@ -323,13 +428,25 @@ export class RuncastClient {
     this._setState("connecting");
     let ws;
     try {
-      ws = new this._WebSocket(this.url);
+      // The token rides as a subprotocol: a browser cannot set headers on a WebSocket.
+      ws = this._token
+        ? new this._WebSocket(this.url, ["runcast", `runcast.bearer.${this._token}`])
+        : new this._WebSocket(this.url);
     } catch (err) {
+      if (this._token && err?.name === "SyntaxError") {
+        // Not a valid subprotocol: no server could accept this token.
+        this._refused({ code: "unauthorized", message: "this token holds characters a WebSocket cannot carry" });
+        return;
+      }
       this._scheduleReconnect(err);
       return;
     }
     this._ws = ws;
+    let opened = false;
     let welcomed = false;
+    ws.onopen = () => {
+      opened = true;
+    };
     ws.onmessage = (message) => {
       if (this._ws !== ws) return; // a late frame of a socket we gave up on
       this._lastFrameAt = Date.now();
@@ -350,11 +467,61 @@ export class RuncastClient {
     ws.onclose = (close) => {
       if (this._ws !== ws) return;
       this._ws = null;
-      this._onSocketGone(close.code === 1000 ? null : `closed (${close.code})`);
+      if (close.code === 4401 || close.code === 1008) {
+        // A 1008 reason reads "code: message" (PROTOCOL.md §7): too many connections from
+        // this address is rate_limited, retried; anything else is a refusal.
+        const reason = close.reason || "";
+        const named = /^\s*(unauthorized|forbidden|rate_limited)\b/i.exec(reason)?.[1]?.toLowerCase();
+        const code = close.code === 4401 ? "unauthorized" : named || "unauthorized";
+        if (code === "rate_limited") {
+          this._onSocketGone(`refused (${close.code} ${reason})`, 1000);
+          return;
+        }
+        this._refused({
+          code,
+          message: reason || (close.code === 4401 ? "the token expired or was revoked" : "the server refused the connection"),
+          closeCode: close.code,
+        });
+        return;
+      }
+      const reason = close.code === 1000 ? null : `closed (${close.code})`;
+      if (!opened && !welcomed) {
+        this._stopHeartbeat();
+        this._setState("connecting", { error: reason });
+        this._probe(seq, reason);
+        return;
+      }
+      this._onSocketGone(reason);
     };
     ws.onerror = () => {
       // The close event follows with the details; nothing to do here.
     };
+  }
+
+  /** Close the socket and stay "idle" until connect(); subscriptions resume then. */
+  disconnect() {
+    if (this._closed) return;
+    this._replaceSocket();
+    this._rejectPending("disconnected", "the client disconnected");
+    this._setState("idle");
+  }
+
+  /** Drop the socket (if any) and any scheduled retry, with no state change or reconnect. */
+  _replaceSocket() {
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._stopHeartbeat();
+    this._attemptSeq++;
+    this.connectionId = null;
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      try {
+        ws.close(1000);
+      } catch {
+        // already closing
+      }
+    }
   }
 
   /** Close for good: no reconnect; pending requests reject with code "closed". */
@@ -399,7 +566,7 @@ export class RuncastClient {
     for (const watch of this._watches.values()) watch._send();
   }
 
-  _onSocketGone(reason) {
+  _onSocketGone(reason, minDelayMs = 0) {
     this._stopHeartbeat();
     this.connectionId = null;
     this._rejectPending("disconnected", `the connection was lost: ${reason || "closed"}`);
@@ -408,13 +575,14 @@ export class RuncastClient {
       this._setState("offline");
       return;
     }
-    this._scheduleReconnect(reason);
+    this._scheduleReconnect(reason, minDelayMs);
   }
 
-  _scheduleReconnect(error) {
+  _scheduleReconnect(error, minDelayMs = 0) {
     const { initialMs, maxMs, factor } = this.backoff;
     const ceiling = Math.min(maxMs, initialMs * factor ** this._attempt);
-    const delayMs = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2); // jitter
+    const jittered = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2); // jitter
+    const delayMs = Math.max(jittered, minDelayMs);
     this._attempt++;
     const retryAt = Date.now() + delayMs;
     this._retryTimer = setTimeout(() => {
@@ -597,7 +765,7 @@ export class RuncastClient {
       const qs = params.toString();
       if (qs) url += (url.includes("?") ? "&" : "?") + qs;
     }
-    const init = { method, headers: { Accept: "application/json" } };
+    const init = { method, headers: { Accept: "application/json", ...this._authHeaders() } };
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -616,9 +784,13 @@ export class RuncastClient {
       json = null;
     }
     if (!response.ok) {
-      throw RuncastError.fromWire(json?.error || { code: "http", message: response.statusText }, {
+      const error = RuncastError.fromWire(json?.error || { code: "http", message: response.statusText }, {
         status: response.status,
       });
+      if (response.status === 401) {
+        this._emit("auth", { code: error.code, message: error.message, status: 401 });
+      }
+      throw error;
     }
     return json;
   }

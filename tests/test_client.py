@@ -1,14 +1,29 @@
-"""The Python client against a real server: requests, watch, resume, stop, restart."""
+"""The Python client against a real server: requests, watch, resume, stop, restart,
+tokens; and against a fake one for the refusals a real server makes only on a bad day."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
-from app.client import Client, ClientError, ConnectionLostError, JsonObject, Watch, watch
+from app.client import (
+    Client,
+    ClientError,
+    ConnectionLostError,
+    JsonObject,
+    RefusedError,
+    Watch,
+    watch,
+)
 from tests.conftest import Server, Spawned
 
 
@@ -288,3 +303,249 @@ async def test_watch_survives_a_crash_and_restart(spawn: Any) -> None:
     assert w.snapshot is not None and w.snapshot["epoch"] == w.epoch
     assert w.snapshot["state"]["status"] == "interrupted"
     assert w.info is not None and w.cursor == w.snapshot["index"] == w.info["last_index"]
+
+
+# -- access (PROTOCOL.md §7, §8) ---------------------------------------------------------
+
+ADMIN = "admin-secret-0123456789"
+VIEWER = "viewer-secret-0123456789"
+TOKENS = (f"admin:{ADMIN}", f"viewer:{VIEWER}")
+
+
+async def test_a_token_is_accepted_on_the_handshake_and_by_watches(server_factory: Any) -> None:
+    server: Server = await server_factory(tokens=TOKENS)
+    async with asyncio.timeout(10), Client(server.ws_url, token=ADMIN) as client:
+        assert client.welcome["type"] == "welcome"
+        run = await client.start("counter", {"n": 20})
+        events = await collect(client.watch(run["run_id"]))  # the client's token, by default
+    assert_exactly_once(events)
+    assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_a_missing_or_unknown_token_is_refused_with_a_clear_error(
+    server_factory: Any,
+) -> None:
+    server: Server = await server_factory(tokens=TOKENS)
+    async with asyncio.timeout(10):
+        for token in (None, "not-a-token-of-this-server"):
+            with pytest.raises(RefusedError) as caught:
+                async with Client(server.ws_url, token=token):
+                    pass
+            assert caught.value.code == "unauthorized"
+            # An HTTP 401, or a close 1008 right after the accept: the same to the caller.
+            assert caught.value.status == 401 or caught.value.close_code == 1008
+        async with Client(server.ws_url, token=ADMIN) as client:
+            run = await client.start("counter", {"n": 3})
+        with pytest.raises(RefusedError) as caught:
+            await collect(watch(server.ws_url, run["run_id"]))  # no token: not retried
+        assert caught.value.code == "unauthorized"
+
+
+async def test_a_viewer_token_reads_but_may_not_start(server_factory: Any) -> None:
+    server: Server = await server_factory(tokens=TOKENS)
+    async with asyncio.timeout(10):
+        async with Client(server.ws_url, token=ADMIN) as admin:
+            run = await admin.start("counter", {"n": 5})
+        async with Client(server.ws_url, token=VIEWER) as viewer:
+            with pytest.raises(ClientError) as caught:
+                await viewer.start("counter", {"n": 1})
+            assert caught.value.code == "forbidden" and not isinstance(caught.value, RefusedError)
+            assert await viewer.ping() > 0  # a forbidden op leaves the connection open
+            events = await collect(viewer.watch(run["run_id"]))
+    assert_exactly_once(events)
+
+
+async def test_revoking_a_share_ends_its_watch_with_4401_and_no_reconnect(
+    server_factory: Any,
+) -> None:
+    server: Server = await server_factory(tokens=TOKENS)
+    admin_auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        asyncio.timeout(20),
+        Client(server.ws_url, token=ADMIN) as client,
+        httpx.AsyncClient(base_url=server.http_url, headers=admin_auth) as http,
+    ):
+        run = await client.start("counter", {"n": 10**6, "delay_s": 0.01})
+        response = await http.post(
+            f"/api/runs/{run['run_id']}/share", json={"role": "viewer", "expires_in": 600}
+        )
+        assert response.status_code == 201, response.text
+        share = response.json()
+        assert share["url"].endswith(f"/#/runs/{run['run_id']}?token={share['token']}")
+
+        async def revoke(_: JsonObject) -> None:
+            answer = await http.delete(f"/api/shares/{share['share_id']}")
+            assert answer.status_code == 200, answer.text
+
+        w = watch(server.ws_url, run["run_id"], token=share["token"], backoff_s=0.01)
+        events: list[JsonObject] = []
+        with pytest.raises(RefusedError) as caught:
+            async with w:
+                async for event in w:
+                    events.append(event)
+                    if event["i"] == 5:
+                        await revoke(event)
+        assert caught.value.code == "unauthorized" and caught.value.close_code == 4401
+        assert w.reconnects == 0 and len(events) >= 5
+        # The revoked token opens nothing any more.
+        with pytest.raises(RefusedError):
+            async with Client(server.ws_url, token=share["token"]):
+                pass
+        await client.stop(run["run_id"])
+
+
+# A fake server, for the refusals of §7 whatever the real server's choice among them.
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+WELCOME = json.dumps({"type": "welcome", "protocol": 1, "server": "fake", "connection_id": "c"})
+
+
+@asynccontextmanager
+async def fake_server(
+    handler: Handler, refuse: Callable[[Request], Response | None] | None = None
+) -> AsyncIterator[tuple[str, list[Request]]]:
+    """A WebSocket server on a free port: ``refuse(request)`` may answer the handshake
+    with an HTTP response; ``handler`` runs each accepted connection. Yields its URL and
+    the handshake requests it received."""
+    requests: list[Request] = []
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        requests.append(request)
+        return refuse(request) if refuse is not None else None
+
+    async with serve(handler, "127.0.0.1", 0, process_request=process_request) as ws_server:
+        port = next(iter(ws_server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws", requests
+
+
+async def _serve_welcome_then_close(ws: ServerConnection, code: int, reason: str) -> None:
+    await ws.send(WELCOME)
+    await ws.close(code, reason)
+
+
+def _refuse_without(token: str, status: int = 401) -> Callable[[Request], Response | None]:
+    def refuse(request: Request) -> Response | None:
+        if request.headers.get("Authorization") == f"Bearer {token}":
+            return None
+        error: JsonObject = {"code": "unauthorized", "message": "a token is needed"}
+        if status == 403:
+            error = {"code": "forbidden", "message": "origin not allowed"}
+        if status == 429:
+            error = {"code": "rate_limited", "message": "slow down", "retry_after": 0.05}
+        body = {"error": error}
+        headers = Headers({"Content-Type": "application/json"})
+        return Response(status, "refused", headers, json.dumps(body).encode())
+
+    return refuse
+
+
+async def _welcome_only(ws: ServerConnection) -> None:
+    await ws.send(WELCOME)
+    await ws.wait_closed()
+
+
+async def test_fake_the_token_rides_as_a_bearer_header() -> None:
+    async with asyncio.timeout(10), fake_server(_welcome_only, _refuse_without("s3")) as fake:
+        url, requests = fake
+        async with Client(url, token="s3") as client:
+            assert client.welcome["server"] == "fake"
+        assert requests[-1].headers["Authorization"] == "Bearer s3"
+        for status, code in ((401, "unauthorized"), (403, "forbidden")):
+            async with fake_server(_welcome_only, _refuse_without("s3", status)) as (url2, _):
+                with pytest.raises(RefusedError) as caught:
+                    async with Client(url2, token="wrong"):
+                        pass
+                assert caught.value.code == code and caught.value.status == status
+                assert caught.value.close_code is None
+                assert caught.value.message in ("a token is needed", "origin not allowed")
+
+
+async def test_fake_a_close_1008_after_the_accept_is_a_refusal() -> None:
+    async def refuse_after_accept(ws: ServerConnection) -> None:
+        await ws.close(1008, "unauthorized: a token is needed")
+
+    async with asyncio.timeout(10), fake_server(refuse_after_accept) as (url, requests):
+        with pytest.raises(RefusedError) as caught:
+            async with Client(url):
+                pass
+        assert caught.value.code == "unauthorized" and caught.value.close_code == 1008
+        assert caught.value.message == "unauthorized: a token is needed"
+        with pytest.raises(RefusedError):
+            await collect(watch(url, "run_x", backoff_s=0.01))
+        assert len(requests) == 2  # one handshake each: a refusal is not retried
+
+
+async def test_fake_a_watch_is_not_resumed_after_4401_but_is_after_1011() -> None:
+    connections = 0
+
+    async def serve_run(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        await ws.send(WELCOME)
+        op = json.loads(await ws.recv())
+        info = {"run_id": op["run_id"], "epoch": "e1", "status": "running", "last_index": 0}
+        await ws.send(
+            json.dumps({"type": "reply", "ref": op["ref"], "ok": True, "result": {"run": info}})
+        )
+        after = op["after"]
+        events = [{"i": i, "type": "tick", "data": {}, "ts": 0.0} for i in (after + 1, after + 2)]
+        await ws.send(
+            json.dumps({"type": "events", "run_id": op["run_id"], "epoch": "e1", "events": events})
+        )
+        # The first connection goes as a dead peer does (1011), the second as a revoked token.
+        await ws.close(
+            1011 if connections == 1 else 4401, "token revoked" if connections > 1 else ""
+        )
+
+    async with asyncio.timeout(10), fake_server(serve_run) as (url, _):
+        w = watch(url, "run_x", token="s3", backoff_s=0.01)
+        got: list[int] = []
+        with pytest.raises(RefusedError) as caught:
+            async with w:
+                async for event in w:
+                    got.append(event["i"])
+    assert got == [1, 2, 3, 4]
+    assert caught.value.code == "unauthorized" and caught.value.close_code == 4401
+    assert w.reconnects == 1 and connections == 2
+
+
+async def test_fake_requests_after_a_4401_raise_the_refusal() -> None:
+    async def revoke_soon(ws: ServerConnection) -> None:
+        await ws.send(WELCOME)
+        await ws.recv()  # the ping: never answered
+        await ws.close(4401, "token revoked")
+
+    async with asyncio.timeout(10), fake_server(revoke_soon) as (url, _):
+        async with Client(url, token="s3") as client:
+            with pytest.raises(RefusedError) as caught:
+                await client.ping()
+            assert caught.value.close_code == 4401
+            with pytest.raises(RefusedError):
+                await client.ping()
+            assert client.refused is caught.value
+
+
+async def test_fake_a_rate_limited_handshake_is_retried_after_retry_after() -> None:
+    refusals = 2
+
+    def refuse(request: Request) -> Response | None:
+        nonlocal refusals
+        if refusals == 0:
+            return None
+        refusals -= 1
+        return _refuse_without("never", 429)(request)
+
+    async def ended_run(ws: ServerConnection) -> None:
+        await ws.send(WELCOME)
+        op = json.loads(await ws.recv())
+        info = {"run_id": op["run_id"], "epoch": "e1", "status": "completed", "last_index": 0}
+        await ws.send(
+            json.dumps({"type": "reply", "ref": op["ref"], "ok": True, "result": {"run": info}})
+        )
+        await ws.wait_closed()
+
+    async with asyncio.timeout(10), fake_server(ended_run, refuse) as (url, requests):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await collect(watch(url, "run_x", backoff_s=0.001)) == []
+        assert len(requests) == 3 and loop.time() - started >= 0.1  # 2 x retry_after

@@ -1,5 +1,6 @@
 """Fixtures for the browser tests: one ``runcast serve`` process and one headless
-Chromium per module, and pages that fail their test on any console error.
+Chromium per module, and pages that fail their test on any console error (a violation of
+the page's Content-Security-Policy included).
 
 Chromium is the Debian package (``/usr/bin/chromium``, or ``RUNCAST_CHROMIUM``); the
 browser that Playwright downloads is not used. Without it the tests skip, except in CI
@@ -32,6 +33,28 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = 10_000
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+# The tokens of ``token_server`` (PROTOCOL.md §8: RUNCAST_TOKENS is ROLE:SECRET, ...).
+ADMIN_TOKEN = "admin-secret-web-0123456789"
+VIEWER_TOKEN = "viewer-secret-web-0123456789"
+# Every CSP violation reaches the console as an error, whatever Chromium itself logs.
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (e) => {
+  console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"}`
+    + ` at ${e.sourceFile || "?"}:${e.lineNumber}`);
+});
+"""
+
+
+def _stop(spawned: Spawned) -> None:
+    if spawned.process.poll() is None:
+        spawned.process.terminate()
+    try:
+        spawned.wait(timeout_s=10)
+    except Exception:
+        spawned.process.kill()
+        spawned.wait(timeout_s=10)
+    if spawned.process.stdout is not None:
+        spawned.process.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +64,21 @@ def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawned]:
     try:
         yield spawned
     finally:
-        if spawned.process.poll() is None:
-            spawned.process.terminate()
-        try:
-            spawned.wait(timeout_s=10)
-        except Exception:
-            spawned.process.kill()
-            spawned.wait(timeout_s=10)
-        if spawned.process.stdout is not None:
-            spawned.process.stdout.close()
+        _stop(spawned)
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawned]:
+    """A ``runcast serve`` process in token mode: ``ADMIN_TOKEN`` (admin) and
+    ``VIEWER_TOKEN`` (viewer)."""
+    tokens = f"admin:{ADMIN_TOKEN},viewer:{VIEWER_TOKEN}"
+    spawned = spawn_server(
+        tmp_path_factory.mktemp("web-token") / "runcast.db", env={"RUNCAST_TOKENS": tokens}
+    )
+    try:
+        yield spawned
+    finally:
+        _stop(spawned)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +120,7 @@ def open_tab(browser: Any, web_server: Spawned) -> Iterator[Callable[..., Tab]]:
     ) -> Tab:
         context = browser.new_context(viewport={"width": width, "height": 900})
         context.set_default_timeout(TIMEOUT_MS)
+        context.add_init_script(REPORT_CSP_VIOLATIONS)
         page = context.new_page()
         tab = Tab(page, context)
         page.on(
