@@ -291,13 +291,16 @@ def thread_change(kind: str, model: _ThreadOp | _ThreadBody) -> ThreadChange:
 # -- server frames ----------------------------------------------------------------------
 
 
-def welcome(server_version: str, connection_id: str) -> str:
+def welcome(server_version: str, connection_id: str, role: str = "admin") -> str:
+    """The first frame; ``role`` (beyond PROTOCOL.md §2) is what the connection's token
+    may do, so that a page can hide what it would be refused."""
     return encode(
         {
             "type": "welcome",
             "protocol": PROTOCOL_VERSION,
             "server": server_version,
             "connection_id": connection_id,
+            "role": role,
         }
     )
 

@@ -121,7 +121,9 @@ class Session:
         Cancellation: by ``_close_socket`` when the client does not take the close frame.
         """
         try:
-            await self._send(wire.welcome(__version__, self.connection_id))
+            await self._send(
+                wire.welcome(__version__, self.connection_id, self.principal.role.label)
+            )
             await self._receive_loop()
         except _ConnectionGone:
             pass

@@ -466,11 +466,12 @@ def test_reply_error(ref: Any, error: RuncastError, expected: dict[str, Any]) ->
 
 
 def test_other_server_frames() -> None:
-    assert json.loads(wire.welcome("0.1.0", "conn_1")) == {
+    assert json.loads(wire.welcome("0.1.0", "conn_1", "viewer")) == {
         "type": "welcome",
         "protocol": 1,
         "server": "0.1.0",
         "connection_id": "conn_1",
+        "role": "viewer",
     }
     snapshot = {"run_id": "run_1", "index": 3, "epoch": "ep", "state": {"status": "running"}}
     assert json.loads(wire.snapshot_frame(snapshot)) == {"type": "snapshot", **snapshot}
