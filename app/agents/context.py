@@ -23,7 +23,15 @@ _YIELD_EVERY = 1000
 
 
 class RunContext:
-    """The handle an agent writes its run through."""
+    """The handle an agent writes its run through.
+
+    An agent that raises ends its run ``failed``. Clients then see only
+    ``{"code": "agent_error", "message": "the agent failed"}`` in the terminal event: an
+    exception's text may hold anything (a key, a path, a customer's data), so it goes to
+    the server's log, never to clients. To tell clients why, raise
+    ``app.errors.AgentError(code, message)``: its code and message are shown as they are,
+    e.g. ``raise AgentError("quota_exceeded", "the monthly quota is used up")``.
+    """
 
     def __init__(self, run: LiveRun, history: list[JsonObject] | None = None) -> None:
         self._run = run
@@ -43,11 +51,17 @@ class RunContext:
         """Append an event of any type; returns its index.
 
         ``status`` is reserved to the server: the run's lifecycle drives it.
+
+        Raises:
+            ValueError: ``type`` is ``status``, or not 1..64 of ``A-Z a-z 0-9 _ . : -``.
+            TypeError: ``data`` is not a JSON object.
+            PayloadTooLargeError: the event's JSON is over the server's
+                ``max_event_bytes``.
+            (Nothing is appended when it raises.)
         """
         if type == ev.STATUS:
             raise ValueError("agents do not emit 'status' events; the server does")
-        if not type or len(type) > ev.MAX_TYPE_LENGTH:
-            raise ValueError(f"event type must be 1..{ev.MAX_TYPE_LENGTH} characters")
+        ev.check_event_type(type)
         if data is not None and not isinstance(data, dict):
             raise TypeError(f"event data must be a JSON object, not {data.__class__.__name__}")
         event = self._run.append(type, {} if data is None else data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,14 @@ class Registry:
         description: str = "",
         input_model: type[BaseModel] = AnyInput,
     ) -> Agent:
+        """Register ``fn`` under ``name`` (replacing any agent of that name).
+
+        Raises:
+            TypeError: ``fn`` is not an async function (or an object with an async
+                ``__call__``): the engine runs an agent as a task of its own.
+        """
+        if not _is_async_callable(fn):
+            raise TypeError(f"agent {name!r} must be an async function (async def)")
         agent = Agent(name, fn, description or (fn.__doc__ or "").strip(), input_model)
         self._agents[name] = agent
         return agent
@@ -94,6 +103,13 @@ class Registry:
 
     def all(self) -> list[Agent]:
         return sorted(self._agents.values(), key=lambda agent: agent.name)
+
+
+def _is_async_callable(fn: object) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # An instance of a class whose __call__ is async (a class itself makes an instance).
+    return callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
 
 
 default_registry = Registry()

@@ -7,6 +7,7 @@ is created: every subscriber, the SSE stream and the database write the same str
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Final
 
 import orjson
@@ -64,6 +65,34 @@ STANDARD_TYPES: Final = frozenset(
 )
 
 MAX_TYPE_LENGTH: Final = 64
+# ASCII letters, digits and ``_ . : -``: a type goes into SSE's ``event:`` line as it is,
+# where a newline (or any other control character) would break the framing.
+_TYPE_PATTERN: Final = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_TYPE_LENGTH}}}")
+
+
+def check_event_type(type: str) -> None:
+    """Refuse an event type that is not 1..64 of ``A-Z a-z 0-9 _ . : -``.
+
+    Raises:
+        ValueError: names the type and what a type may hold.
+    """
+    if not isinstance(type, str):
+        raise ValueError(f"event type must be a string, not {type.__class__.__name__}")
+    if type in _CHECKED:
+        return
+    if _TYPE_PATTERN.fullmatch(type) is None:
+        raise ValueError(
+            f"event type {type!r} must be 1..{MAX_TYPE_LENGTH} characters of "
+            "A-Z, a-z, 0-9, '_', '.', ':' and '-'"
+        )
+    if len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED.add(type)
+
+
+# Types found good: a run emits a handful of types, each many times, and a set lookup is
+# a seventh of a regex match. A cache only (the answer depends on the type alone), bounded.
+_CHECKED: Final[set[str]] = set(STANDARD_TYPES)
+_CHECKED_MAX: Final = 4096
 
 
 _dumps = orjson.dumps

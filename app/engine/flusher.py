@@ -4,12 +4,17 @@ Runs mark themselves dirty when they change. Every ``interval_s`` (or at once wh
 caller awaits :meth:`Flusher.commit`), the flusher takes every dirty run's unwritten
 events, current snapshot and row, and hands them to ``Store.write`` as one batch. A
 failed write leaves the runs dirty; the next flush retries, after a backoff.
+
+``run()`` ends only when cancelled, or with an error that is not a ``StoreError`` (a bug):
+its owner (the manager) then restarts it. ``store_degraded`` says whether writes are
+failing right now; ``last_error`` is the last failure's text, for the log only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NoReturn
 
 from app.engine.run import LiveRun
 from app.errors import StoreError
@@ -34,6 +39,8 @@ class Flusher:
         self._lock = asyncio.Lock()
         self._closing = False
         self.last_error: str | None = None
+        # True from a failed flush (or the loop's restart, set by its owner) to a good one.
+        self.store_degraded = False
         self.flushes = 0
 
     def mark_dirty(self, run: LiveRun) -> None:
@@ -43,23 +50,28 @@ class Flusher:
         """Write every dirty run now, in one transaction; returns how many runs.
 
         Raises:
-            StoreError: the write failed; the runs stay dirty.
+            StoreError: the write failed; the runs stay dirty. Any other error leaves
+                them dirty too.
         """
         async with self._lock:
             runs = [run for run in self._dirty.values() if run.needs_flush]
             self._dirty.clear()
             if not runs:
+                self.store_degraded = False
                 return 0
-            batch = [run.unflushed() for run in runs]
             try:
+                batch = [run.unflushed() for run in runs]
                 await self.store.write(batch)
-            except BaseException:
+            except BaseException as exc:
                 for run in runs:
                     self._dirty.setdefault(run.run_id, run)
+                if isinstance(exc, Exception):
+                    self.store_degraded = True
                 raise
             for run, item in zip(runs, batch, strict=True):
                 run.mark_flushed(item.record.last_index)
             self.flushes += 1
+            self.store_degraded = False
             return len(runs)
 
     async def commit(self, run: LiveRun) -> None:
@@ -77,8 +89,13 @@ class Flusher:
             flushed = self._flushed
             await flushed.wait()
 
-    async def run(self) -> None:
+    async def run(self) -> NoReturn:
         """The writer loop: flush on the throttle or when kicked, until cancelled.
+
+        Raises:
+            Exception: anything but a ``StoreError`` (those are retried): a bug, which
+                ends the loop; every waiting commit is woken first, and the runs stay
+                dirty for the loop its owner starts again.
 
         Cancellation: the loop ends; the owner calls :meth:`close` for the last flush.
         """

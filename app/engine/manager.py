@@ -1,8 +1,10 @@
 """The run manager: starts, stops and supervises runs; one active run per thread.
 
-It owns every task it starts: the flusher loop, one supervisor per run, and through each
-supervisor the agent's own task. ``close()`` ends them all, in the order of STYLE.md:
-refuse new runs -> end live runs (grace, then abandon) -> final flush.
+It owns every task it starts: the flusher loop (restarted if it fails), one supervisor
+per run, and through each supervisor the agent's own task. A supervisor always ends its
+run, whatever fails, and hands its thread on. ``close()`` ends them all, in the order of
+STYLE.md: refuse new runs -> end live runs (grace, then abandon) -> final flush; every
+wait in it is bounded.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
+import inspect
 import logging
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from app.core import events as ev
 from app.core import snapshot
@@ -24,12 +28,14 @@ from app.core.events import JsonObject, RunStatus
 from app.core.ids import new_epoch, new_run_id, new_thread_id, new_turn_id
 from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
-from app.engine.run import LiveRun, Retention
+from app.engine.run import LiveRun, Retention, setting_default
 from app.errors import (
+    AgentError,
     BadRequestError,
     ConflictError,
     NotFoundError,
     NotWaitingError,
+    OverloadedError,
     RunInProgressError,
     ShuttingDownError,
 )
@@ -41,18 +47,29 @@ ThreadListener = Callable[[JsonObject], None]
 
 MULTITASK_STRATEGIES = ("reject", "interrupt", "enqueue", "rollback")
 REVIVED_TAIL = 100  # events read back into memory with a run that was not there
+FLUSHER_RESTART_MIN_S = 0.1  # backoff before restarting a failed flusher loop, doubling
+FLUSHER_RESTART_MAX_S = 5.0
+
+# What clients see of a failure: the detail goes to the log only.
+AGENT_FAILED: JsonObject = {"code": "agent_error", "message": "the agent failed"}
+SUPERVISION_FAILED: JsonObject = {"code": "internal", "message": "the server failed to run it"}
 
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
-    flush_interval_s: float = 0.2
-    stop_grace_s: float = 2.0
-    shutdown_grace_s: float = 5.0
-    linger_s: float = 30.0
-    default_agent: str = "demo"
-    tail_events: int = 10_000
-    keyframe_every: int = 1_000
-    max_unflushed: int = 200_000
+    """The engine's settings: each has a field of the same name in ``app.config.Settings``,
+    whose default it takes."""
+
+    flush_interval_s: float = setting_default("flush_interval_s")
+    stop_grace_s: float = setting_default("stop_grace_s")
+    shutdown_grace_s: float = setting_default("shutdown_grace_s")
+    linger_s: float = setting_default("linger_s")
+    default_agent: str = setting_default("default_agent")
+    tail_events: int = setting_default("tail_events")
+    keyframe_every: int = setting_default("keyframe_every")
+    max_unflushed: int = setting_default("max_unflushed")
+    max_live_runs: int = setting_default("max_live_runs")
+    max_event_bytes: int = setting_default("max_event_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +101,10 @@ class RunManager:
             tail_events=self.settings.tail_events,
             keyframe_every=self.settings.keyframe_every,
             max_unflushed=self.settings.max_unflushed,
+            max_event_bytes=self.settings.max_event_bytes,
         )
         self.runs: dict[str, LiveRun] = {}
+        self._live_runs = 0  # runs created and not ended (queued included)
         self._active: dict[str, str] = {}  # thread_id -> run_id of its active run
         self._queues: dict[str, collections.deque[LiveRun]] = {}  # queued runs per thread
         self._revisions: dict[str, int] = {}  # last known revision per thread
@@ -94,7 +113,7 @@ class RunManager:
         self._supervisors: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._evictions: dict[str, asyncio.TimerHandle] = {}
-        self._flusher_task: asyncio.Task[None] | None = None
+        self._flusher_task: asyncio.Task[NoReturn] | None = None
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -103,7 +122,38 @@ class RunManager:
         """Open the store, end runs a crash cut off, and start the flusher."""
         await self.store.open()
         await self._recover()
-        self._flusher_task = asyncio.create_task(self.flusher.run(), name="runcast flusher")
+        self._flusher_task = asyncio.create_task(self._keep_flushing(), name="runcast flusher")
+
+    async def _keep_flushing(self) -> NoReturn:
+        """Run the flusher's loop, and start it again (after a backoff: 0.1 s doubling to
+        5 s, from 0.1 s again once it has written) whenever it fails: a bug in a flush
+        must not stop every later write. ``store_degraded`` holds until a good flush.
+
+        Cancellation: ends the loop (``close()`` then flushes one last time).
+        """
+        backoff_s = FLUSHER_RESTART_MIN_S
+        while True:
+            flushes = self.flusher.flushes
+            try:
+                await self.flusher.run()
+            except Exception:
+                if self.flusher.flushes != flushes:
+                    backoff_s = FLUSHER_RESTART_MIN_S
+                self.flusher.store_degraded = True
+                logger.exception("the flusher failed; restarting it in %.1fs", backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(FLUSHER_RESTART_MAX_S, backoff_s * 2)
+
+    @property
+    def store_degraded(self) -> bool:
+        """True while writes are failing or the flusher is being restarted; False again
+        after a good flush."""
+        return self.flusher.store_degraded
+
+    @property
+    def live_runs(self) -> int:
+        """Runs created and not ended, queued ones included: O(1)."""
+        return self._live_runs
 
     async def _recover(self) -> None:
         """End every run the store still holds as live: interrupted (crash), new epoch,
@@ -141,30 +191,68 @@ class RunManager:
         await self.store.write(batch)
 
     async def close(self) -> None:
-        """Shut down: refuse new runs, end live runs as interrupted, final flush.
+        """Shut down, in phases, each logged: refuse new runs -> end live runs as
+        interrupted (grace, then cancel their supervision) -> stop the flusher -> final
+        flush -> cancel abandoned agents.
 
-        Cancellation: the final flush runs shielded, bounded by the shutdown grace.
+        It always finishes: every wait is bounded by the shutdown grace (plus a second), a
+        store that fails or hangs included. What it could not write is left on disk as
+        live, and the next start ends it ``interrupted`` (crash).
+
+        Cancellation: the final flush runs on in its own task.
         """
         if self._closing:
             return
         self._closing = True
+        grace_s = self.settings.shutdown_grace_s
+        # 1. Refuse new runs (``_closing``), and ask every live run to end.
         live = [run for run in self.runs.values() if not run.ended]
-        logger.info("shutdown: ending %d live runs", len(live))
+        logger.info("shutdown: refusing new runs; ending %d live runs", len(live))
         for run in live:
             self._request_stop(run, reason="shutdown", by=None)
+        # 2. Wait for the runs to end: agents get the grace, then are abandoned; what is
+        # still not over (an end the store cannot take) is cancelled.
         if self._supervisors:
-            await asyncio.wait(set(self._supervisors), timeout=self.settings.shutdown_grace_s + 1.0)
+            _, pending = await asyncio.wait(set(self._supervisors), timeout=grace_s + 1.0)
+            if pending:
+                logger.warning(
+                    "shutdown: %d runs did not end within %.1fs; cancelling their supervision",
+                    len(pending),
+                    grace_s + 1.0,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
         for handle in self._evictions.values():
             handle.cancel()
         self._evictions.clear()
-        logger.info("shutdown: final flush")
+        # 3. Stop the flusher's loop; 4. write what is left, once.
+        logger.info("shutdown: stopping the flusher")
         if self._flusher_task is not None:
             self._flusher_task.cancel()
-            await asyncio.gather(self._flusher_task, return_exceptions=True)
-        async with asyncio.timeout(self.settings.shutdown_grace_s):
-            await asyncio.shield(self.flusher.close())
-        for task in self._abandoned:
+            await asyncio.wait({self._flusher_task}, timeout=1.0)
+        logger.info("shutdown: final flush")
+        final = asyncio.create_task(self.flusher.close(), name="runcast final flush")
+        await asyncio.wait({final}, timeout=grace_s)
+        if not final.done():
+            final.cancel()
+            await asyncio.wait({final}, timeout=1.0)
+            logger.error(
+                "shutdown: the final flush did not finish within %.1fs; runs not written are "
+                "left to recovery",
+                grace_s,
+            )
+        elif not final.cancelled() and (error := final.exception()) is not None:
+            logger.error(
+                "shutdown: the final flush failed; runs not written are left to recovery",
+                exc_info=error,
+            )
+        # 5. Agents that ignored their cancellation are not waited for.
+        if self._abandoned:
+            logger.warning("shutdown: cancelling %d abandoned agents", len(self._abandoned))
+        for task in list(self._abandoned):
             task.cancel()
+        logger.info("shutdown: engine closed")
 
     @property
     def closing(self) -> bool:
@@ -222,7 +310,11 @@ class RunManager:
         if run is not None:
             frame["run"] = run.info()
         for listener in list(listeners):
-            listener(frame)
+            try:
+                listener(frame)
+            except Exception:
+                # One watcher's failure is its own: the run and the other watchers go on.
+                logger.exception("thread_id=%s: a thread listener failed", thread_id)
 
     async def thread_view(self, thread: ThreadRecord, *, all_turns: bool = False) -> JsonObject:
         """ThreadInfo with ``turns``: the active path, or every turn with ``all_turns``.
@@ -259,7 +351,8 @@ class RunManager:
 
         Raises:
             ShuttingDownError, UnknownAgentError, BadRequestError (input, multitask),
-            NotFoundError (thread), RunInProgressError (the thread is busy, ``reject``).
+            NotFoundError (thread), RunInProgressError (the thread is busy, ``reject``),
+            OverloadedError (``max_live_runs`` runs are live).
         """
         self._check_open()
         change = ThreadChange("start", agent=agent_name, input=input, multitask=multitask)
@@ -285,7 +378,9 @@ class RunManager:
         Raises:
             ConflictError (stale ``expected_revision``), RunInProgressError (busy thread,
             ``reject``), NotFoundError (thread or turn), BadRequestError (nothing to act on,
-            bad input, bad multitask), UnknownAgentError, ShuttingDownError.
+            bad input, bad multitask), UnknownAgentError, ShuttingDownError,
+            OverloadedError (it would start a run, and ``max_live_runs`` runs are live;
+            nothing is written).
         """
         self._check_open()
         if change.multitask not in MULTITASK_STRATEGIES:
@@ -299,6 +394,8 @@ class RunManager:
                 field="multitask",
             )
         agent = self.agents.get(change.agent or self.settings.default_agent) if starts_run else None
+        if agent is not None:
+            self._check_capacity()  # early, to spare the reads; _apply_change decides
         async with self._thread_lock(thread_id):
             thread = new_thread or await self.get_thread(thread_id)
             if change.expected_revision is not None and change.expected_revision != thread.revision:
@@ -383,9 +480,21 @@ class RunManager:
         """Write a decided thread change, then register its run and stop the active one.
 
         Returns the run it stopped (interrupt, rollback), if any.
+
+        Raises:
+            OverloadedError: ``run`` would be one live run too many; nothing is written.
         """
         thread_id = updated.thread_id
-        await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
+        if run is not None:
+            # Counted from here, before the write: concurrent starts cannot all pass.
+            self._check_capacity()
+            self._live_runs += 1
+        try:
+            await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
+        except BaseException:
+            if run is not None:
+                self._live_runs -= 1
+            raise
         self._revisions[thread_id] = updated.revision
         if active is not None:
             # A run's end does not wait for the thread lock: the active run seen when the
@@ -442,10 +551,16 @@ class RunManager:
         task = asyncio.create_task(self._supervise(run, agent, history), name=f"run {run.run_id}")
         run.task = task
         self._supervisors.add(task)
-        task.add_done_callback(self._supervisors.discard)
+        task.add_done_callback(functools.partial(self._supervisor_done, run.run_id))
         logger.info(
             "run_id=%s created agent=%s thread_id=%s", run.run_id, agent.name, run.thread_id
         )
+
+    def _supervisor_done(self, run_id: str, task: asyncio.Task[None]) -> None:
+        self._supervisors.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A bug of ours in ending the run (an assert): said, never swallowed silently.
+            logger.error("run_id=%s: its supervisor failed", run_id, exc_info=error)
 
     def _thread_lock(self, thread_id: str) -> asyncio.Lock:
         lock = self._locks.get(thread_id)
@@ -456,6 +571,14 @@ class RunManager:
     def _check_open(self) -> None:
         if self._closing:
             raise ShuttingDownError("the server is shutting down; no new runs")
+
+    def _check_capacity(self) -> None:
+        """Raises: OverloadedError when ``max_live_runs`` runs are live."""
+        limit = self.settings.max_live_runs
+        if self._live_runs >= limit:
+            raise OverloadedError(
+                f"the server has {limit} live runs, its limit; try again when some have ended"
+            )
 
     async def get(self, run_id: str) -> LiveRun:
         """The run, from memory or read back from the store.
@@ -543,8 +666,9 @@ class RunManager:
             raise NotWaitingError(
                 f"request_id {request_id!r} is not the pending request of run {run.run_id}"
             )
-        run.pending_input = None
+        # Appended first: an answer the log refuses (too large) leaves the request pending.
         run.append(ev.INPUT_RECEIVED, {"request_id": request_id, "value": value})
+        run.pending_input = None
         run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
         answer.set_result(value)
 
@@ -565,7 +689,25 @@ class RunManager:
         The agent's failure is caught here, once: the run ends ``failed`` and no other run
         notices. A stop cancels the agent's task (not this one); an agent that ignores the
         cancellation is abandoned after the grace period and the run ends all the same.
+        Whatever else fails on the way (the store, while a queued run begins) ends the run
+        ``failed`` too, and the thread goes on to its next queued run.
+
+        Cancellation: the agent's task is cancelled too, and the run is left as it is.
         """
+        try:
+            data = await self._drive(run, agent, history)
+        except asyncio.CancelledError:
+            self._abandon(run, cancel=True)
+            raise
+        except Exception:
+            logger.exception("run_id=%s: supervision failed; the run ends failed", run.run_id)
+            self._abandon(run, cancel=True)
+            data = ev.status_data(RunStatus.FAILED, error=dict(SUPERVISION_FAILED))
+        await self._finish(run, data)
+
+    async def _drive(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> JsonObject:
+        """Wait for the thread's turn (a queued run), run the agent until it returns, fails
+        or is abandoned; returns the data of the run's terminal event."""
         loop = asyncio.get_running_loop()
         run.abandon = loop.create_future()
         if run.stop_reason is not None:
@@ -578,10 +720,10 @@ class RunManager:
             run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
             self._notify_thread(run.thread_id, "run_started", run)
             run.agent_task = asyncio.create_task(
-                agent.invoke(run, history), name=f"agent {run.run_id}"
+                _call_agent(agent, run, history), name=f"agent {run.run_id}"
             )
             await asyncio.wait({run.agent_task, run.abandon}, return_when=asyncio.FIRST_COMPLETED)
-        await self._finish(run, self._outcome(run))
+        return self._outcome(run)
 
     async def _begin(self, run: LiveRun) -> list[JsonObject]:
         """A queued run's turn has come: write its turns at the head; return its history."""
@@ -605,19 +747,14 @@ class RunManager:
         task = run.agent_task
         if task is not None and not task.done():
             logger.warning("run_id=%s: agent ignored cancellation; abandoned", run.run_id)
-            self._abandoned.add(task)
-            task.add_done_callback(_forget(self._abandoned))
+            self._abandon(run, cancel=False)
         elif task is not None and not task.cancelled():
             error = task.exception()
             # An agent that swallows a stop and returns still ends as the stop said.
             if error is None and run.stop_reason is None:
                 return ev.status_data(RunStatus.COMPLETED)
             if error is not None and run.stop_reason is None:
-                logger.warning("run_id=%s: agent failed: %r", run.run_id, error)
-                return ev.status_data(
-                    RunStatus.FAILED,
-                    error={"code": "agent_error", "message": f"{type(error).__name__}: {error}"},
-                )
+                return ev.status_data(RunStatus.FAILED, error=_agent_failure(run, error))
         if run.stop_reason == "shutdown":
             return ev.status_data(RunStatus.INTERRUPTED, reason="shutdown")
         if run.stop_reason == "stop":
@@ -627,6 +764,17 @@ class RunManager:
             RunStatus.FAILED, error={"code": "cancelled", "message": "the agent was cancelled"}
         )
 
+    def _abandon(self, run: LiveRun, *, cancel: bool) -> None:
+        """Let the run's agent task go on without it (cancelled, with ``cancel``), owned by
+        ``_abandoned`` until it ends; ``close()`` cancels what is left."""
+        task = run.agent_task
+        if task is None or task.done():
+            return
+        if cancel:
+            task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(_forget(self._abandoned))
+
     async def _finish(self, run: LiveRun, data: JsonObject) -> None:
         """Stage the terminal event, put it on disk, then publish it and free the thread."""
         if run.pending_input is not None:
@@ -634,6 +782,7 @@ class RunManager:
         run.stage_terminal(data)
         await self.flusher.commit(run)
         run.publish_staged()
+        self._live_runs -= 1
         # Ended and all on disk: while it lingers it keeps only a short tail, as a run read
         # back does; memory holds what is live (1,000 ended runs of 10,000 events lingering
         # 2 s each left the process at 241 MiB RSS after eviction, against 45 idle).
@@ -728,6 +877,35 @@ def record_info(record: RunRecord) -> JsonObject:
         "updated_at": record.updated_at,
         "watchers": 0,
     }
+
+
+async def _call_agent(agent: AgentSpec, run: LiveRun, history: list[JsonObject]) -> None:
+    """The agent's task. The agent is called in it, so that whatever the call does (raise
+    at once; return no coroutine, as a plain ``def`` does) is the agent's failure."""
+    coroutine = agent.invoke(run, history)
+    if not inspect.isawaitable(coroutine):
+        raise TypeError(
+            f"agent {agent.name!r} must be an async function (async def); "
+            f"it returned {type(coroutine).__name__}"
+        )
+    await coroutine
+
+
+def _agent_failure(run: LiveRun, error: BaseException) -> JsonObject:
+    """The ``error`` of a failed run's terminal event. Clients see a generic message; the
+    log gets the detail. An AgentError is the agent's own word to clients, shown as is."""
+    if isinstance(error, AgentError):
+        logger.warning(
+            "run_id=%s: agent %s failed with %s: %s",
+            run.run_id,
+            run.agent,
+            error.code,
+            error.message,
+            exc_info=error,
+        )
+        return {"code": error.code, "message": error.message}
+    logger.warning("run_id=%s: agent %s failed", run.run_id, run.agent, exc_info=error)
+    return dict(AGENT_FAILED)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

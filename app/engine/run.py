@@ -15,36 +15,57 @@ import asyncio
 import copy
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from app.config import Settings
 from app.core import events as ev
 from app.core import snapshot
 from app.core.events import Event, JsonObject, RunStatus, decode, encode
 from app.core.log import EventLog
 from app.core.turns import TurnPlan
-from app.errors import CursorOutOfRangeError
+from app.errors import CursorOutOfRangeError, PayloadTooLargeError
 from app.store.base import RunRecord, RunWrite, Store
 
 Clock = Callable[[], float]
 
 
+def setting_default(name: str) -> Any:
+    """The default of the setting ``name``: every default lives in ``app.config``."""
+    return Settings.model_fields[name].default
+
+
+class Backlog:
+    """Events appended to a run but not yet on disk, summed over every run that shares it
+    (the runs of one manager): one budget for the whole server, kept O(1) per append."""
+
+    __slots__ = ("events",)
+
+    def __init__(self) -> None:
+        self.events = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Retention:
-    """How much of a run stays in memory, and where the rest is read from.
+    """How much of a run stays in memory, where the rest is read from, and how much may
+    wait for the disk.
 
     Only events already on disk leave memory: a run keeps its last ``tail_events`` (plus
     a quarter, so trimming is amortized), and reads before them page from ``store``. A
     keyframe (the state at an index) is kept every ``keyframe_every`` events, so the state
     at any index costs at most that many folds. Past ``max_unflushed`` events not yet on
-    disk, an agent's appends wait for the flusher (``commit``).
+    disk, summed over every run sharing this Retention (``backlog``), an agent's appends
+    wait for the flusher (``commit``). An event whose JSON is over ``max_event_bytes`` is
+    refused.
     """
 
     store: Store | None = None
     commit: Callable[[LiveRun], Awaitable[None]] | None = None
-    tail_events: int = 10_000
-    keyframe_every: int = 1_000
-    max_unflushed: int = 200_000
+    tail_events: int = setting_default("tail_events")
+    keyframe_every: int = setting_default("keyframe_every")
+    max_unflushed: int = setting_default("max_unflushed")
+    max_event_bytes: int = setting_default("max_event_bytes")
+    backlog: Backlog = field(default_factory=Backlog)
 
 
 class LiveRun:
@@ -70,7 +91,11 @@ class LiveRun:
         self.created_at = created_at
         self.updated_at = created_at
         self.log = EventLog(epoch)
-        self.retention = retention or Retention()
+        self.retention = retention = retention or Retention()
+        self._backlog = retention.backlog
+        # An event of at most this many characters is within max_event_bytes whatever they
+        # are (UTF-8 takes at most 4 bytes a character): only a longer one is measured.
+        self._surely_small = retention.max_event_bytes // 4
         self.state: JsonObject = snapshot.initial_state()
         self.watchers = 0
         self._clock = clock
@@ -288,13 +313,23 @@ class LiveRun:
     # -- writing (engine only) ----------------------------------------------------------
 
     def append(self, type: str, data: JsonObject) -> Event:
-        """Append a non-terminal event, fold it into the state and wake readers."""
+        """Append a non-terminal event, fold it into the state and wake readers.
+
+        Raises:
+            PayloadTooLargeError: the event's JSON is over ``max_event_bytes`` (field
+                ``data``); nothing is appended.
+            TypeError: ``data`` is not JSON; nothing is appended.
+        """
         assert self.staged is None and not self.ended, f"append to ended run {self.run_id}"
         if type == ev.STATUS:
             new = RunStatus(data["status"])
             assert not new.is_terminal, "terminal status goes through stage_terminal()"
             assert ev.can_transition(self.status, new), f"{self.status} -> {new}"
-        event = self.log.append(type, data, self._clock())
+        event = self.log.next_event(type, data, self._clock())
+        if len(event.json) > self._surely_small:
+            self._check_size(event)
+        self.log.add(event)
+        self._backlog.events += 1
         snapshot.apply(self.state, type, data)
         self.updated_at = event.ts
         if event.index % self.retention.keyframe_every == 0:
@@ -302,20 +337,30 @@ class LiveRun:
         self._changed()
         return event
 
+    def _check_size(self, event: Event) -> None:
+        """Raises: PayloadTooLargeError (field ``data``) past ``max_event_bytes``."""
+        limit = self.retention.max_event_bytes
+        text = event.json
+        # The encoding is UTF-8 (orjson's); an ASCII text (an O(1) test) is one byte a
+        # character, so only text with other characters is encoded again to be measured.
+        size = len(text) if text.isascii() else len(text.encode())
+        if size > limit:
+            raise PayloadTooLargeError(size, limit, field="data")
+
     @property
     def backlog(self) -> int:
-        """Events appended but not yet on disk."""
+        """Events of this run appended but not yet on disk."""
         return self.log.last_index - self.flushed_index
 
     async def throttle(self) -> None:
-        """Wait while more than ``max_unflushed`` events are not on disk: when the store
-        is slower than the agent (or failing), the agent slows down instead of memory
-        growing without bound.
+        """Wait for the flusher while more than ``max_unflushed`` events of all runs (that
+        share this run's Retention) are not on disk: when the store is slower than the
+        agents (or failing), they slow down instead of memory growing without bound.
 
         Cancellation: safe; the events stay in memory and are written later.
         """
         commit = self.retention.commit
-        if commit is not None and self.backlog > self.retention.max_unflushed:
+        if commit is not None and self._backlog.events > self.retention.max_unflushed:
             await commit(self)
 
     def stage_terminal(self, data: JsonObject) -> Event:
@@ -323,6 +368,7 @@ class LiveRun:
         assert self.staged is None and not self.ended, f"run {self.run_id} ended twice"
         assert RunStatus(data["status"]).is_terminal
         self.staged = self.log.next_event(ev.STATUS, data, self._clock())
+        self._backlog.events += 1
         if self._on_dirty is not None:
             self._on_dirty(self)
         return self.staged
@@ -374,7 +420,9 @@ class LiveRun:
     def mark_flushed(self, index: int) -> None:
         """Everything up to ``index`` is on disk: forget written keyframes, and trim the
         log to its tail (only events on disk leave memory)."""
-        self.flushed_index = max(self.flushed_index, index)
+        if index > self.flushed_index:
+            self._backlog.events -= index - self.flushed_index
+            self.flushed_index = index
         self.record_flushed = True
         if self.keyframes and self.keyframes[0][0] <= self.flushed_index:
             self.keyframes = [kf for kf in self.keyframes if kf[0] > self.flushed_index]

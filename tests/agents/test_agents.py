@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from app.agents import AgentError
 from app.agents.builtin import _WORDS, ask, counter, demo, echo, register_builtins
 from app.agents.context import RunContext
 from app.agents.registry import AnyInput, Registry
 from app.core import events as ev
 from app.core.events import JsonObject, RunStatus
-from app.engine.run import LiveRun
-from app.errors import BadRequestError, UnknownAgentError
-from tests.fakes import settle, until
+from app.engine.run import LiveRun, Retention
+from app.errors import BadRequestError, PayloadTooLargeError, UnknownAgentError
+from tests.fakes import ManualClock, settle, until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -222,6 +223,10 @@ async def test_context_helpers_emit_standard_events() -> None:
         ("status", {"status": "completed"}, ValueError),
         ("", {}, ValueError),
         ("x" * (ev.MAX_TYPE_LENGTH + 1), {}, ValueError),
+        ("tick\n", {}, ValueError),  # would break SSE framing
+        ("a\nevent: status", {}, ValueError),
+        ("a b", {}, ValueError),
+        ("é", {}, ValueError),
         ("text", {"text": {1, 2}}, TypeError),  # not JSON
         ("text", "just a string", TypeError),  # data must be an object
         ("tick", [1, 2], TypeError),
@@ -237,6 +242,43 @@ async def test_context_refuses_bad_events_and_leaves_the_run_as_it_was(
         await ctx.emit(type, data)
     assert (run.last_index, repr(run.state)) == before
     assert await ctx.emit("x" * ev.MAX_TYPE_LENGTH, {}) == 2  # the longest name is fine
+    assert await ctx.emit("a.b:c-d_e", {}) == 3
+
+
+async def test_emit_of_an_event_over_max_event_bytes_raises_and_appends_nothing() -> None:
+    limit = 1_000
+    run = LiveRun(
+        run_id="run_1",
+        thread_id="thr_1",
+        agent="test",
+        input={},
+        epoch="e1",
+        created_at=1.0,
+        clock=ManualClock(1.0),
+        retention=Retention(max_event_bytes=limit),
+    )
+    run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
+    ctx = RunContext(run)
+    overhead = len(ev.Event(2, "text", {"text": ""}, 1.0).json)
+    before = (run.last_index, repr(run.state), run.backlog)
+    with pytest.raises(PayloadTooLargeError) as caught:
+        await ctx.text("x" * (limit - overhead + 1))
+    assert caught.value.details == {"field": "data"}
+    assert f"{limit + 1} bytes" in caught.value.message
+    # Counted in UTF-8 bytes, not characters: "é" is two.
+    with pytest.raises(PayloadTooLargeError):
+        await ctx.text("é" * ((limit - overhead) // 2 + 1))
+    assert (run.last_index, repr(run.state), run.backlog) == before
+    assert await ctx.text("x" * (limit - overhead)) == 2  # exactly at the limit is fine
+    assert await ctx.text("é" * ((limit - overhead) // 2)) == 3
+    assert len(run.read_after(2)[0].json.encode()) <= limit
+
+
+def test_agent_error_is_exported_with_a_code_per_instance() -> None:
+    error = AgentError("quota_exceeded", "the quota is used up")
+    assert (error.code, error.message) == ("quota_exceeded", "the quota is used up")
+    assert error.to_dict() == {"code": "quota_exceeded", "message": "the quota is used up"}
+    assert AgentError("other", "x").code == "other" and error.code == "quota_exceeded"
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -288,6 +330,28 @@ def test_registry_add_and_register() -> None:
     with pytest.raises(UnknownAgentError) as caught:
         registry.get("missing")
     assert caught.value.details == {"field": "agent"}
+
+
+class _AsyncCallable:
+    async def __call__(self, ctx: RunContext) -> None:
+        pass
+
+
+def _plain(ctx: RunContext) -> None:
+    pass
+
+
+def test_registry_refuses_an_agent_that_is_not_async() -> None:
+    registry = Registry()
+    for fn in (_plain, lambda ctx: _documented(ctx), _AsyncCallable, print):
+        with pytest.raises(TypeError) as caught:
+            registry.add("x", fn)  # type: ignore[arg-type]
+        assert str(caught.value) == "agent 'x' must be an async function (async def)"
+    with pytest.raises(TypeError, match="agent 'deco' must be an async function"):
+        registry.register("deco")(_plain)  # type: ignore[arg-type]
+    assert registry.all() == []
+    # An object whose __call__ is async is an async function for this purpose.
+    assert registry.add("callable", _AsyncCallable()).name == "callable"
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,64 @@ def test_standard_types_are_those_of_the_protocol_table() -> None:
     } == ev.STANDARD_TYPES
 
 
+# -- event types -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "type",
+    [
+        "a.b:c-d_e",
+        "tick",
+        "text",  # a standard type
+        "x" * 64,
+        "A-Z.a-z:0-9_",
+        "0",
+        "-",
+    ],
+)
+def test_check_event_type_accepts(type: str) -> None:
+    ev.check_event_type(type)
+    ev.check_event_type(type)  # and again, as the hot path sees it
+
+
+@pytest.mark.parametrize(
+    ("type", "why"),
+    [
+        ("a\nb", "a newline would end an SSE line"),
+        ("a\rb", "a carriage return too"),
+        ("tick\n", "even at the end"),
+        ("a b", "space"),
+        ("", "empty"),
+        ("x" * 65, "65 characters"),
+        ("é", "unicode letter"),
+        ("tick\u2028", "unicode line separator"),
+        ("\uff54ick", "fullwidth letter"),
+        ("\u0663", "non-ASCII digit"),
+        ("a/b", "slash"),
+        ("a\x00", "NUL"),
+        ("a\tb", "tab"),
+    ],
+)
+def test_check_event_type_refuses(type: str, why: str) -> None:
+    with pytest.raises(ValueError, match="event type") as caught:
+        ev.check_event_type(type)
+    assert repr(type) in str(caught.value), why
+    assert "1..64" in str(caught.value)
+
+
+def test_the_types_found_good_are_remembered_within_a_bound() -> None:
+    for k in range(5_000):
+        ev.check_event_type(f"type_{k}")
+    assert len(ev._CHECKED) <= 4_096
+    ev.check_event_type("type_4999")  # not remembered: checked again, still good
+
+
+@pytest.mark.parametrize("type", [None, 7, b"tick", ["tick"]])
+def test_check_event_type_refuses_what_is_not_a_string(type: Any) -> None:
+    with pytest.raises(ValueError, match="must be a string"):
+        ev.check_event_type(type)
+
+
 # -- encode / decode -------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from app.core.events import RunStatus
 from app.engine.flusher import Flusher
 from app.engine.run import LiveRun
 from app.errors import StoreError
-from app.store.base import ThreadRecord
+from app.store.base import RunWrite, ThreadRecord
 from tests.fakes import RecordingStore, settle
 
 pytestmark = pytest.mark.timeout(10)
@@ -367,3 +367,76 @@ async def test_a_commit_during_the_final_flush_waits_for_it(
         await asyncio.gather(closing, waiting)
     assert store.attempts == 1
     assert await indexes_on_disk(store, run) == [1, 2]
+
+
+async def test_store_degraded_from_a_failed_flush_to_the_next_good_one(
+    store: RecordingStore, flusher: Flusher
+) -> None:
+    flusher.interval_s = 0.01
+    run = await new_run(store, flusher, "a")
+    start(run, ticks=1)
+    assert not flusher.store_degraded
+    store.fail_writes = 2
+    seen: list[bool] = []
+    store.gate = asyncio.Event()  # each write attempt is let through by the test
+    loop = asyncio.create_task(flusher.run())
+    try:
+        async with asyncio.timeout(5):
+            for _ in range(3):
+                await store.entered.wait()
+                store.entered.clear()
+                seen.append(flusher.store_degraded)
+                gate, store.gate = store.gate, asyncio.Event()
+                gate.set()
+            store.gate.set()
+            await flusher.commit(run)
+        assert seen == [False, True, True]  # before the first failure; then failing
+        assert not flusher.store_degraded, "a good flush clears it"
+        assert flusher.last_error is None
+        assert store.attempts == 3
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+class BuggyStore(RecordingStore):
+    """Its next ``bugs`` writes raise an error that is not a StoreError (a bug)."""
+
+    bugs = 0
+
+    async def write(self, batch: Sequence[RunWrite]) -> None:
+        if self.bugs:
+            self.bugs -= 1
+            self.attempts += 1
+            raise RuntimeError("a bug in the store")
+        await super().write(batch)
+
+
+async def test_an_unexpected_error_ends_the_loop_leaving_runs_dirty_and_commits_woken(
+    tmp_path: Path,
+) -> None:
+    store = BuggyStore(tmp_path / "buggy.db")
+    await store.open()
+    try:
+        flusher = Flusher(store, interval_s=60.0)
+        run = await new_run(store, flusher, "a")
+        start(run, ticks=1)
+        store.bugs = 1
+        committing = asyncio.create_task(flusher.commit(run))
+        loop = asyncio.create_task(flusher.run())
+        async with asyncio.timeout(2):
+            with pytest.raises(RuntimeError, match="a bug in the store"):
+                await loop
+        assert flusher.store_degraded and run.needs_flush
+        assert not committing.done()  # woken, and waiting for the next loop
+        loop = asyncio.create_task(flusher.run())  # as its owner does
+        try:
+            async with asyncio.timeout(2):
+                await committing
+            assert not flusher.store_degraded
+            assert await indexes_on_disk(store, run) == [1, 2]
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+    finally:
+        await store.close()

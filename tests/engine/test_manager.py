@@ -4,24 +4,32 @@ crash recovery, reading back from the store, linger and eviction."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.agents.builtin import register_builtins
-from app.agents.registry import Registry
+from app.agents.context import RunContext
+from app.agents.registry import Agent, AnyInput, Registry
+from app.config import Settings
 from app.core import events as ev
 from app.core.events import Event, JsonObject, RunStatus
+from app.core.turns import Turn
 from app.engine.manager import EngineSettings, RunManager, ThreadChange
 from app.engine.run import LiveRun
 from app.errors import (
+    AgentError,
     BadRequestError,
     NotFoundError,
     NotWaitingError,
+    OverloadedError,
     RunInProgressError,
     ShuttingDownError,
+    StoreError,
     UnknownAgentError,
 )
 from app.store.base import RunRecord, RunWrite, ThreadRecord
@@ -49,10 +57,42 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "runcast.db"
 
 
+class FaultyStore(RecordingStore):
+    """RecordingStore with more faults: ``fail_load_turns = k`` fails the next k reads of
+    turns (StoreError); ``bugs = k`` makes the next k writes raise an error that is not a
+    StoreError (a bug); ``on_write`` is called as each write begins; ``write_gate`` holds
+    flushes (not thread changes) as ``gate`` holds both, and ``write_entered`` is set once
+    one waits there."""
+
+    fail_load_turns = 0
+    bugs = 0
+    on_write: Callable[[], None] | None = None
+    write_gate: asyncio.Event | None = None
+    write_entered: asyncio.Event | None = None
+
+    async def load_turns(self, thread_id: str) -> list[Turn]:
+        if self.fail_load_turns:
+            self.fail_load_turns -= 1
+            raise StoreError("injected read failure")
+        return await super().load_turns(thread_id)
+
+    async def write(self, batch: Sequence[RunWrite]) -> None:
+        if self.on_write is not None:
+            self.on_write()
+        if self.write_gate is not None:
+            if self.write_entered is not None:
+                self.write_entered.set()
+            await self.write_gate.wait()
+        if self.bugs:
+            self.bugs -= 1
+            raise RuntimeError("a bug in the store")
+        await super().write(batch)
+
+
 @pytest.fixture
-async def store(db: Path) -> AsyncIterator[RecordingStore]:
+async def store(db: Path) -> AsyncIterator[FaultyStore]:
     """A real SQLite store; the manager opens it, the fixture closes it last."""
-    store = RecordingStore(db)
+    store = FaultyStore(db)
     try:
         yield store
     finally:
@@ -85,7 +125,7 @@ async def managers(
     then lets the stubborn agent go and awaits what is left of it."""
     opened: list[RunManager] = []
 
-    async def make(**overrides: Any) -> RunManager:
+    async def make(agents: Any = None, **overrides: Any) -> RunManager:
         settings: dict[str, Any] = {
             # A long interval: only commits (start, end) and close() write, unless a test
             # asks for the throttle.
@@ -95,7 +135,7 @@ async def managers(
             "linger_s": 60.0,
             **overrides,
         }
-        manager = RunManager(store, registry, EngineSettings(**settings))
+        manager = RunManager(store, agents or registry, EngineSettings(**settings))
         await manager.open()
         opened.append(manager)
         return manager
@@ -269,12 +309,17 @@ async def test_start_is_refused_once_closing(manager: RunManager) -> None:
 
 
 async def test_a_failing_agent_fails_its_run_and_no_other(
-    manager: RunManager, store: RecordingStore
+    manager: RunManager, store: RecordingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     keep = await started(await manager.start("hold", {}))
     bad = await ended(await manager.start("boom", {}))
 
-    error = {"code": "agent_error", "message": "RuntimeError: boom"}
+    # The exception's text is for the log, never for clients.
+    error = {"code": "agent_error", "message": "the agent failed"}
+    (logged,) = [r for r in caplog.records if r.exc_info and r.exc_info[1] is not None]
+    assert logged.levelno == logging.WARNING
+    assert f"run_id={bad.run_id}" in logged.getMessage()
+    assert repr(logged.exc_info[1]) == "RuntimeError('boom')"  # type: ignore[index]
     assert bad.status == RunStatus.FAILED
     assert bad.state["error"] == error
     assert last_data(bad) == {"status": "failed", "error": error}
@@ -454,6 +499,207 @@ async def test_an_agent_whose_cleanup_fails_on_stop_ends_stopped(manager: RunMan
     assert run.state["error"] is None
 
 
+async def test_an_agent_error_chooses_what_clients_see(
+    manager: RunManager, registry: Registry, store: RecordingStore
+) -> None:
+    async def refuses(ctx: RunContext) -> None:
+        await ctx.text("checking")
+        raise AgentError("quota_exceeded", "the monthly quota is used up")
+
+    async def leaks(ctx: RunContext) -> None:
+        raise ValueError("password=hunter2 at /srv/secret.txt")
+
+    registry.add("refuses", refuses)
+    registry.add("leaks", leaks)
+    chosen = await ended(await manager.start("refuses", {}))
+    generic = await ended(await manager.start("leaks", {}))
+
+    assert last_data(chosen) == {
+        "status": "failed",
+        "error": {"code": "quota_exceeded", "message": "the monthly quota is used up"},
+    }
+    assert last_data(generic) == {
+        "status": "failed",
+        "error": {"code": "agent_error", "message": "the agent failed"},
+    }
+    stored = await store.read_events(generic.run_id, 0, None)
+    assert not any("hunter2" in event.json for event in stored)
+    record = await store.get_run(generic.run_id)
+    assert record is not None and "hunter2" not in repr(record)
+
+
+def plain(ctx: RunContext) -> None:
+    """A plain ``def``: calling it runs it at once and returns None, not a coroutine."""
+
+
+def plain_raises(ctx: RunContext) -> None:
+    raise RuntimeError("raised by a plain def")
+
+
+class WithUnchecked:
+    """The registry, plus agents ``Registry.add`` would refuse: the engine gets agents
+    through a protocol, so it must survive them anyway."""
+
+    def __init__(self, registry: Registry, **unchecked: Callable[[RunContext], None]) -> None:
+        self.registry = registry
+        self.unchecked = unchecked
+
+    def get(self, name: str) -> Agent:
+        fn = self.unchecked.get(name)
+        if fn is None:
+            return self.registry.get(name)
+        return Agent(name, fn, "", AnyInput)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("agent", ["plain", "plain_raises"])
+async def test_a_plain_def_agent_fails_its_run_and_the_thread_goes_on(
+    managers: MakeManager, registry: Registry, agent: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = WithUnchecked(registry, plain=plain, plain_raises=plain_raises)
+    manager = await managers(agents=catalog)
+    first = await started(await manager.start("hold", {}))
+    bad = await manager.start(agent, {}, thread_id=first.thread_id, multitask="enqueue")
+    after = await manager.start("counter", {"n": 2}, thread_id=first.thread_id, multitask="enqueue")
+    manager.stop(first)
+
+    assert (await ended(bad)).status == RunStatus.FAILED
+    assert last_data(bad)["error"] == {"code": "agent_error", "message": "the agent failed"}
+    assert (await ended(after)).status == RunStatus.COMPLETED
+    assert manager.thread_info(await manager.get_thread(first.thread_id))["active_run_id"] is None
+    assert manager.live_runs == 0
+    details = [str(r.exc_info[1]) for r in caplog.records if r.exc_info and r.exc_info[1]]
+    if agent == "plain":
+        assert details == [
+            "agent 'plain' must be an async function (async def); it returned NoneType"
+        ]
+    else:
+        assert details == ["raised by a plain def"]
+
+
+async def test_a_store_error_as_a_queued_run_begins_fails_it_and_the_next_one_runs(
+    manager: RunManager, store: FaultyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = await manager.create_thread()
+    _, first = await manager.change_thread(
+        thread.thread_id, ThreadChange("send", agent="hold", content="one")
+    )
+    assert first is not None
+    await started(first)
+    queued = []
+    for content in ("two", "three"):
+        _, run = await manager.change_thread(
+            thread.thread_id,
+            ThreadChange("send", agent="echo", content=content, multitask="enqueue"),
+        )
+        assert run is not None
+        queued.append(run)
+    store.fail_load_turns = 1  # the next run's turn comes: its turns cannot be read
+    manager.stop(first)
+
+    failing, next_one = queued
+    assert (await ended(failing)).status == RunStatus.FAILED
+    assert run_data(failing) == [
+        ("status", {"status": "failed", "error": {"code": "internal", "message": ANY_TEXT}})
+    ]
+    assert (await ended(next_one)).status == RunStatus.COMPLETED
+    assert next_one.state["message"]["content"] == "three"
+    assert manager.thread_info(await manager.get_thread(thread.thread_id))["active_run_id"] is None
+    record = await store.get_run(failing.run_id)
+    assert record is not None and record.status == "failed"
+    (logged,) = [r for r in caplog.records if r.exc_info and r.exc_info[1] is not None]
+    assert f"run_id={failing.run_id}" in logged.getMessage()
+    assert isinstance(logged.exc_info[1], StoreError)  # type: ignore[index]
+
+
+class _AnyText:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT: Any = _AnyText()
+
+
+async def test_a_failing_thread_listener_does_not_hold_up_the_run(
+    manager: RunManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = await manager.create_thread()
+    frames: list[JsonObject] = []
+
+    def broken(frame: JsonObject) -> None:
+        raise RuntimeError("listener bug")
+
+    manager.watch_thread(thread.thread_id, broken)
+    manager.watch_thread(thread.thread_id, frames.append)
+    run = await ended(await manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
+    assert run.status == RunStatus.COMPLETED
+    assert [frame["change"] for frame in frames] == ["run_started", "run_ended"]
+    assert sum("a thread listener failed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_flusher_that_fails_unexpectedly_is_restarted(
+    manager: RunManager, store: FaultyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[bool] = []
+    store.on_write = lambda: seen.append(manager.store_degraded)
+    store.bugs = 1
+    run = await manager.start("counter", {"n": 1})
+    # The end is committed through the flusher: its first write fails with a bug, and
+    # the loop is started again by the manager.
+    assert (await ended(run)).status == RunStatus.COMPLETED
+    assert seen == [False, True], "degraded while the flusher is restarted"
+    assert not manager.store_degraded, "a good flush clears it"
+    record = await store.get_run(run.run_id)
+    assert record is not None and record.status == "completed"
+    (logged,) = [r for r in caplog.records if "the flusher failed" in r.getMessage()]
+    assert logged.levelno == logging.ERROR
+    assert repr(logged.exc_info[1]) == "RuntimeError('a bug in the store')"  # type: ignore[index]
+
+
+async def test_the_flusher_restart_backoff_doubles_and_starts_over_once_it_has_written(
+    manager: RunManager, store: FaultyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def delays() -> list[str]:
+        return [
+            r.getMessage().rsplit(" ", 1)[-1]
+            for r in caplog.records
+            if "the flusher failed" in r.getMessage()
+        ]
+
+    store.bugs = 2
+    await ended(await manager.start("counter", {"n": 1}))
+    assert delays() == ["0.1s", "0.2s"]
+    store.bugs = 1
+    await ended(await manager.start("counter", {"n": 1}))
+    assert delays() == ["0.1s", "0.2s", "0.1s"]
+
+
+async def test_cancelling_a_supervisor_cancels_its_agent_and_is_not_swallowed(
+    manager: RunManager,
+) -> None:
+    run = await started(await manager.start("hold", {}))
+    assert run.task is not None and run.agent_task is not None
+    run.task.cancel()
+    # Not pytest.raises(CancelledError) under asyncio.timeout: it would swallow the
+    # timeout's own cancellation, and a hang would pass.
+    async with asyncio.timeout(2):
+        await asyncio.wait({run.task, run.agent_task})
+    assert run.task.cancelled() and run.agent_task.cancelled()
+    assert not run.ended
+
+
+async def test_store_degraded_while_writes_fail(managers: MakeManager, store: FaultyStore) -> None:
+    manager = await managers(flush_interval_s=0.02)
+    run = await started(await manager.start("hold", {}))
+    seen: list[bool] = []
+    store.on_write = lambda: seen.append(manager.store_degraded)
+    store.fail_writes = 2
+    run.append("tick", {"n": 1})
+    async with asyncio.timeout(5):
+        await store.until(lambda: any(item.last_index >= 3 for item in store.written(run.run_id)))
+    assert seen[-3:] == [False, True, True]  # before the first failure; then failing
+    assert not manager.store_degraded
+
+
 # -- respond ---------------------------------------------------------------------------------
 
 
@@ -538,9 +784,103 @@ async def test_close_abandons_an_agent_ignoring_cancellation(
     assert last_data(run) == {"status": "interrupted", "reason": "shutdown"}
     assert run.agent_task is not None
     async with asyncio.timeout(2):
-        with pytest.raises(asyncio.CancelledError):
-            await run.agent_task
+        await asyncio.wait({run.agent_task})
+    assert run.agent_task.cancelled()
     assert once.cancellations == 2
+
+
+async def test_close_finishes_against_a_failing_store(
+    managers: MakeManager, store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.engine.manager")
+    manager = await managers(shutdown_grace_s=0.2)
+    run = await started(await manager.start("hold", {}))
+    store.fail_writes = 1_000_000
+    clock = asyncio.get_running_loop().time
+    began = clock()
+    async with asyncio.timeout(5):
+        await manager.close()
+    assert clock() - began < 3.0
+    assert not manager._supervisors
+    # Its end is not on disk, so nobody was told it: the next start recovers it.
+    assert not run.ended
+    assert [record.run_id for record in await store.live_runs()] == [run.run_id]
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.engine.manager"]
+    for phase in (
+        "shutdown: refusing new runs; ending 1 live runs",
+        "shutdown: 1 runs did not end within 1.2s; cancelling their supervision",
+        "shutdown: stopping the flusher",
+        "shutdown: final flush",
+        "shutdown: the final flush failed; runs not written are left to recovery",
+        "shutdown: engine closed",
+    ):
+        assert phase in logged
+    store.fail_writes = 0
+
+
+async def test_close_finishes_against_a_store_that_hangs(
+    managers: MakeManager, store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = await managers(shutdown_grace_s=0.2)
+    run = await started(await manager.start("hold", {}))
+    gate = store.gate = asyncio.Event()
+    try:
+        async with asyncio.timeout(5):
+            await manager.close()
+        assert not manager._supervisors and not run.ended
+        assert any(
+            "the final flush did not finish within 0.2s" in r.getMessage() for r in caplog.records
+        )
+    finally:
+        gate.set()
+
+
+async def test_close_cancels_a_queued_run_stuck_beginning_on_a_hanging_store(
+    managers: MakeManager, store: RecordingStore
+) -> None:
+    manager = await managers(shutdown_grace_s=0.2)
+    thread = await manager.create_thread()
+    _, first = await manager.change_thread(
+        thread.thread_id, ThreadChange("send", agent="hold", content="one")
+    )
+    _, queued = await manager.change_thread(
+        thread.thread_id, ThreadChange("send", agent="echo", content="two", multitask="enqueue")
+    )
+    assert first is not None and queued is not None
+    await started(first)
+    gate = asyncio.Event()
+
+    def hang_the_store(frame: JsonObject) -> None:
+        # Once the first run has ended, and before the queued one writes its turns.
+        if frame["change"] == "run_ended":
+            store.gate = gate
+
+    manager.watch_thread(thread.thread_id, hang_the_store)
+    manager.stop(first)
+    await ended(first)
+    try:
+        async with asyncio.timeout(2):
+            await store.entered.wait()  # the queued run's turns, held
+        async with asyncio.timeout(5):
+            await manager.close()
+        assert not manager._supervisors
+        assert queued.task is not None and queued.task.cancelled()
+        assert not queued.ended and queued.agent_task is None
+    finally:
+        gate.set()
+
+
+async def test_close_does_not_wait_for_agents_that_ignore_cancellation(
+    managers: MakeManager, stubborn: Stubborn
+) -> None:
+    manager = await managers(shutdown_grace_s=0.2)
+    run = await started(await manager.start("stubborn", {}))
+    async with asyncio.timeout(5):
+        await manager.close()
+    assert run.status == RunStatus.INTERRUPTED
+    assert run.agent_task is not None and not run.agent_task.done()
+    await settle()
+    assert stubborn.cancellations == 2  # the shutdown's, then close() cancels it again
 
 
 async def test_close_before_open_is_harmless(store: RecordingStore, registry: Registry) -> None:
@@ -692,6 +1032,124 @@ async def test_a_run_with_unwritten_events_is_not_evicted(manager: RunManager) -
     manager._evict(run.run_id)
     assert manager.runs[run.run_id] is run
     manager._evict("run_gone")  # already gone: nothing to do
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+def test_engine_settings_take_their_names_and_defaults_from_settings() -> None:
+    names = {field.name for field in dataclasses.fields(EngineSettings)}
+    assert {"max_live_runs", "max_event_bytes", "max_unflushed"} <= names
+    engine, settings = EngineSettings(), Settings()
+    for name in names:
+        assert getattr(engine, name) == getattr(settings, name), name
+
+
+async def test_starting_past_max_live_runs_is_overloaded_and_writes_nothing(
+    managers: MakeManager, store: RecordingStore
+) -> None:
+    manager = await managers(max_live_runs=2)
+    first = await started(await manager.start("hold", {}))
+    queued = await manager.start("hold", {}, thread_id=first.thread_id, multitask="enqueue")
+    assert manager.live_runs == 2  # a queued run counts
+    thread = await manager.get_thread(first.thread_id)
+    stored = await store.list_runs(status=None, thread_id=None, limit=99)
+
+    with pytest.raises(OverloadedError) as caught:
+        await manager.start("counter", {"n": 1})
+    assert caught.value.code == "overloaded"
+    with pytest.raises(OverloadedError):
+        await manager.change_thread(
+            first.thread_id, ThreadChange("send", agent="echo", content="x", multitask="enqueue")
+        )
+    assert await store.list_runs(status=None, thread_id=None, limit=99) == stored
+    assert await manager.get_thread(first.thread_id) == thread
+    assert len(manager.runs) == 2
+
+    manager.stop(queued)
+    await ended(queued)
+    assert manager.live_runs == 1
+    other = await ended(await manager.start("counter", {"n": 1}))
+    assert other.status == RunStatus.COMPLETED
+    manager.stop(first)
+    await ended(first)
+    assert manager.live_runs == 0
+
+
+async def test_concurrent_starts_cannot_all_pass_the_live_run_limit(
+    managers: MakeManager, store: RecordingStore
+) -> None:
+    manager = await managers(max_live_runs=2)
+    store.gate = asyncio.Event()  # every start waits in its write, after the count
+    starts = [asyncio.create_task(manager.start("counter", {"n": 1})) for _ in range(5)]
+    async with asyncio.timeout(3):
+        await store.entered.wait()
+    store.gate.set()
+    store.gate = None
+    async with asyncio.timeout(3):
+        results = await asyncio.gather(*starts, return_exceptions=True)
+    runs = [r for r in results if isinstance(r, LiveRun)]
+    assert len(runs) == 2
+    assert all(isinstance(r, OverloadedError) for r in results if r not in runs)
+    assert len(await store.list_runs(status=None, thread_id=None, limit=99)) == 2
+    for run in runs:
+        await ended(run)
+    assert manager.live_runs == 0
+
+
+async def test_a_start_whose_write_fails_gives_its_live_run_back(
+    managers: MakeManager, store: RecordingStore
+) -> None:
+    manager = await managers(max_live_runs=1)
+    store.fail_writes = 1
+    with pytest.raises(StoreError):
+        await manager.start("counter", {"n": 1})
+    assert manager.live_runs == 0
+    assert (await ended(await manager.start("counter", {"n": 1}))).status == RunStatus.COMPLETED
+
+
+async def test_an_emit_over_max_event_bytes_fails_the_run_not_the_server(
+    managers: MakeManager, registry: Registry
+) -> None:
+    async def big(ctx: RunContext) -> None:
+        await ctx.text("small")
+        await ctx.text("x" * 2_000)
+
+    registry.add("big", big)
+    manager = await managers(max_event_bytes=1_024)
+    keep = await started(await manager.start("hold", {}))
+    run = await ended(await manager.start("big", {}))
+    assert run.status == RunStatus.FAILED
+    assert run.state["error"] == {"code": "agent_error", "message": "the agent failed"}
+    assert run.state["message"]["content"] == "small"
+    assert all(len(event.json) <= 1_024 for event in run.read_after(0))
+    assert not keep.ended
+    assert (await ended(await manager.start("counter", {"n": 2}))).status == RunStatus.COMPLETED
+    manager.stop(keep)
+    await ended(keep)
+
+
+async def test_the_unflushed_budget_is_shared_by_every_run_of_the_manager(
+    managers: MakeManager, store: FaultyStore
+) -> None:
+    manager = await managers(max_unflushed=1_500)
+    store.write_gate = asyncio.Event()  # no flush reaches the disk until the test says so
+    store.write_entered = asyncio.Event()
+    runs = [await manager.start("counter", {"n": 3_000}) for _ in range(2)]
+    async with asyncio.timeout(5):
+        for run in runs:
+            await until(run, lambda r: r.last_index >= 1_001)
+        await store.write_entered.wait()
+    await settle(20)
+    # A run checks the budget after each 1,000 events. Both runs are held, and one of
+    # them with 1,001 events: under the budget on its own, not with the other's.
+    assert not any(run.ended for run in runs)
+    assert min(run.last_index for run in runs) == 1_001
+    assert manager.retention.backlog.events == sum(run.backlog for run in runs) > 1_500
+    store.write_gate.set()
+    for run in runs:
+        assert (await ended(run, timeout_s=5)).status == RunStatus.COMPLETED
+    assert manager.retention.backlog.events == 0
 
 
 # -- listing, threads, watchers ------------------------------------------------------------

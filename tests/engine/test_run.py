@@ -12,8 +12,8 @@ import pytest
 
 from app.core import events as ev
 from app.core.events import Event, RunStatus
-from app.engine.run import LiveRun
-from app.errors import CursorOutOfRangeError
+from app.engine.run import LiveRun, Retention
+from app.errors import CursorOutOfRangeError, PayloadTooLargeError
 from app.store.base import RunRecord
 from tests.fakes import ManualClock, settle
 
@@ -393,3 +393,80 @@ async def test_from_record_of_a_live_row_is_not_ended() -> None:
     run.stage_terminal(ev.status_data(RunStatus.INTERRUPTED, reason="crash"))
     run.publish_staged()
     assert run.ended and run.last_index == 2
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def sharing(retention: Retention, name: str) -> LiveRun:
+    """A running run of a manager whose runs share ``retention``."""
+    run = LiveRun(
+        run_id=f"run_{name}",
+        thread_id=f"thr_{name}",
+        agent="counter",
+        input={},
+        epoch="e1",
+        created_at=100.0,
+        clock=ManualClock(100.0),
+        retention=retention,
+    )
+    run.append(ev.STATUS, ev.status_data(RunStatus.RUNNING))
+    return run
+
+
+async def test_append_refuses_an_event_over_max_event_bytes_before_it_is_logged() -> None:
+    retention = Retention(max_event_bytes=200)
+    run = sharing(retention, "a")
+    overhead = len(Event(2, ev.TEXT, {"text": ""}, 100.0).json)
+    before = (run.last_index, repr(run.state), retention.backlog.events, run.needs_flush)
+    for text in ("x" * (200 - overhead + 1), "€" * 100, "x" * 10_000):
+        with pytest.raises(PayloadTooLargeError) as caught:
+            run.append(ev.TEXT, {"text": text})
+        assert caught.value.details == {"field": "data"}
+        assert "over the limit of 200 bytes" in caught.value.message
+    assert (run.last_index, repr(run.state), retention.backlog.events, run.needs_flush) == before
+    assert run.append(ev.TEXT, {"text": "x" * (200 - overhead)}).index == 2
+    # "€" is three bytes in UTF-8: measured in bytes, not characters.
+    assert run.append(ev.TEXT, {"text": "€" * ((200 - overhead) // 3)}).index == 3
+    # A terminal event is never refused: the end of a run must be told.
+    run.stage_terminal(ev.status_data(RunStatus.FAILED, error={"code": "x", "message": "y" * 300}))
+
+
+async def test_the_backlog_is_one_count_over_every_run_sharing_a_retention() -> None:
+    retention = Retention()
+    a, b = sharing(retention, "a"), sharing(retention, "b")
+    a.append(ev.TEXT, {"text": "1"})
+    assert (a.backlog, b.backlog, retention.backlog.events) == (2, 1, 3)
+    a.mark_flushed(2)
+    assert retention.backlog.events == 1
+    a.mark_flushed(1)  # a late, older batch changes nothing
+    assert retention.backlog.events == 1
+    b.stage_terminal(ev.status_data(RunStatus.COMPLETED))  # the staged end waits for the disk
+    assert retention.backlog.events == 2
+    b.mark_flushed(b.unflushed().record.last_index)
+    b.publish_staged()
+    assert (retention.backlog.events, b.backlog) == (0, 0)
+    ended = LiveRun.from_record(_record("completed", 3), [], retention)
+    assert retention.backlog.events == 0 and not ended.needs_flush  # read back: on disk
+
+
+async def test_throttle_waits_for_the_flusher_past_one_budget_for_all_runs() -> None:
+    commits: list[str] = []
+
+    async def commit(run: LiveRun) -> None:
+        commits.append(run.run_id)
+        run.mark_flushed(run.last_index)
+
+    retention = Retention(commit=commit, max_unflushed=10)
+    runs = [sharing(retention, name) for name in "abc"]
+    for run in runs:
+        for k in range(3):
+            run.append("tick", {"n": k})
+    # 12 events not on disk, though no run has more than 4 of them.
+    assert max(run.backlog for run in runs) == 4 and retention.backlog.events == 12
+    await runs[0].throttle()
+    assert commits == ["run_a"]
+    assert retention.backlog.events == 8
+    for run in runs:
+        await run.throttle()  # within the budget again: nobody waits
+    assert commits == ["run_a"]
