@@ -48,6 +48,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app import chaos
+
 SCENARIOS = ("fanout", "latency", "start", "resume", "connections", "persist")
 
 _EVENTS_HEAD = b'{"type":"events","run_id":"'
@@ -848,7 +850,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+        help=f"any of {', '.join(SCENARIOS)} (default: all); or chaos, alone (app/chaos.py)",
     )
     parser.add_argument(
         "--url", help="drive this server (ws://host:port/ws) instead of one of ours"
@@ -919,6 +921,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also run each scenario against a server from the source tree DIR",
     )
+    chaos.add_arguments(parser)
 
 
 async def run_bench(args: argparse.Namespace) -> Report:
@@ -941,6 +944,8 @@ async def run_bench(args: argparse.Namespace) -> Report:
 def main(args: argparse.Namespace) -> int:
     """Run the scenarios; print the table; 1 when a check failed."""
     began = time.strftime("%Y-%m-%d %H:%M")
+    if args.scenarios == ["chaos"]:
+        return chaos.main(args)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         print(

@@ -51,11 +51,19 @@ async def start_server(
 ) -> tuple[Server, uvicorn.Server, asyncio.Task[None]]:
     settings = Settings(db=db, port=0, **overrides)
     app = create_app(settings)
-    sock = socket.socket()
+    # IPPROTO_TCP, as runcast serve does: asyncio sets TCP_NODELAY only on such sockets.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     sock.listen(512)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=16 * 1024 * 1024)
+    # As runcast serve configures it: no per-message compression.
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        ws_max_size=16 * 1024 * 1024,
+        ws_per_message_deflate=False,
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -73,13 +73,15 @@ class Scope:
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is asking. ``id`` names them in a share's ``created_by`` (a server token's
-    fingerprint, ``share:<id>``, or ``open``); it is never a secret."""
+    fingerprint, ``share:<id>``, or ``open``); it is never a secret. ``via``: the shares
+    a share was made with (oldest first); revoking any of them ends it too."""
 
     id: str
     role: Role
     scope: Scope | None = None
     share_id: str | None = None
     expires_at: float | None = None
+    via: tuple[str, ...] = ()
 
 
 OPEN: Final = Principal("open", Role.ADMIN)

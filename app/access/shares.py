@@ -42,7 +42,9 @@ class Shares:
             new_share_id(), scope.kind, scope.id, role.label, principal.id, now, expires_at
         )
         await self.store.create_share(share)
-        token = self.authenticator.sign(ShareGrant(share.share_id, scope, role, expires_at))
+        # Made with a share: it ends when that one (or any it was made with) is revoked.
+        via = principal.via if principal.share_id is None else (*principal.via, principal.share_id)
+        token = self.authenticator.sign(ShareGrant(share.share_id, scope, role, expires_at, via))
         return {
             "share_id": share.share_id,
             "token": token,

@@ -55,18 +55,24 @@ def parse_server_tokens(env_items: Iterable[str], file_text: str | None) -> list
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        role, _, secret = line.partition(" ")
+        role, _, secret = line.replace("\t", " ").partition(" ")
         entries.append((f"token file line {number}", role, secret.strip()))
     tokens = []
     for where, role_name, secret in entries:
         try:
             parsed = Role.parse(role_name)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except ValueError:
+            # Not the text itself: with the role forgotten, it is the secret.
+            raise ValueError(
+                f"{where}: not a role; expected viewer, operator or admin, then the secret"
+            ) from None
         if len(secret) < MIN_SECRET_CHARS:
             raise ValueError(f"{where}: a secret needs at least {MIN_SECRET_CHARS} characters")
         if not set(secret) <= _TOKEN_CHARS:
             raise ValueError(f"{where}: a secret may hold letters, digits and !#$%&'*+-.^_`|~ only")
+        if secret.startswith(SHARE_PREFIX):
+            # It would be read as a share token and never matched.
+            raise ValueError(f"{where}: a secret may not begin with {SHARE_PREFIX!r}")
         tokens.append(ServerToken(parsed, secret))
     return tokens
 
@@ -81,16 +87,23 @@ def _unb64(text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ShareGrant:
-    """What a share token says: which share, what it reaches, with what role, until when."""
+    """What a share token says: which share, what it reaches, with what role, until when,
+    and the shares it was made with (``via``: it lives only as long as they do)."""
 
     share_id: str
     scope: Scope
     role: Role
     expires_at: float
+    via: tuple[str, ...] = ()
 
     def principal(self) -> Principal:
         return Principal(
-            f"share:{self.share_id}", self.role, self.scope, self.share_id, self.expires_at
+            f"share:{self.share_id}",
+            self.role,
+            self.scope,
+            self.share_id,
+            self.expires_at,
+            self.via,
         )
 
 
@@ -118,9 +131,10 @@ class Authenticator:
             return None
         if token.startswith(SHARE_PREFIX):
             grant = self.verify(token)
-            if grant is None or not self._live(grant.share_id, grant.expires_at, now):
+            if grant is None:
                 return None
-            return grant.principal()
+            principal = grant.principal()
+            return principal if self.still_valid(principal, now) else None
         presented = token.encode()
         found: ServerToken | None = None
         for secret, server_token in self._tokens:  # every one: the time says nothing
@@ -132,26 +146,26 @@ class Authenticator:
 
     def still_valid(self, principal: Principal, now: float) -> bool:
         """False once the share behind ``principal`` expired or was revoked."""
+        if principal.expires_at is not None and now >= principal.expires_at:
+            return False
         if principal.share_id is None:
-            return principal.expires_at is None or now < principal.expires_at
-        return self._live(principal.share_id, principal.expires_at, now)
-
-    def _live(self, share_id: str, expires_at: float | None, now: float) -> bool:
-        return share_id not in self._revoked and (expires_at is None or now < expires_at)
+            return True
+        return principal.share_id not in self._revoked and self._revoked.isdisjoint(principal.via)
 
     def revoke(self, share_id: str) -> None:
         self._revoked.add(share_id)
 
     def sign(self, grant: ShareGrant) -> str:
-        payload = encode(
-            {
-                "s": grant.share_id,
-                "k": grant.scope.kind,
-                "i": grant.scope.id,
-                "r": grant.role.label,
-                "e": grant.expires_at,
-            }
-        ).encode()
+        fields: dict[str, object] = {
+            "s": grant.share_id,
+            "k": grant.scope.kind,
+            "i": grant.scope.id,
+            "r": grant.role.label,
+            "e": grant.expires_at,
+        }
+        if grant.via:
+            fields["p"] = list(grant.via)
+        payload = encode(fields).encode()
         body = _b64(payload)
         return f"{SHARE_PREFIX}{body}.{self._signature(body)}"
 
@@ -163,13 +177,15 @@ class Authenticator:
         try:
             fields = decode(_unb64(body))
             kind = fields["k"]
-            if kind not in ("run", "thread"):
+            via = fields.get("p", [])
+            if kind not in ("run", "thread") or not isinstance(via, list):
                 return None
             return ShareGrant(
                 str(fields["s"]),
                 Scope(kind, str(fields["i"])),
-                Role.parse(fields["r"]),
+                Role.parse(str(fields["r"])),
                 float(fields["e"]),
+                tuple(str(share_id) for share_id in via),
             )
         except (ValueError, KeyError, TypeError, binascii.Error):
             return None

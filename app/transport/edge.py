@@ -54,7 +54,10 @@ Authenticate = Callable[[str | None], Principal | None]
 
 def is_loopback_host(host: str) -> bool:
     """True when a Host header (``name[:port]``) names this machine's loopback."""
-    name = urlsplit(f"//{host}").hostname or ""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # not a host at all ("[", "a:b:c")
+        return False
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
@@ -177,7 +180,11 @@ class Edge:
         # The server's own origin: the page it serves. Scheme aside, so that a proxy
         # terminating TLS in front of it changes nothing.
         own = headers.get("host", "").lower()
-        return bool(own) and urlsplit(origin).netloc.lower() == own
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:  # not an origin at all ("http://[")
+            return False
+        return bool(own) and netloc == own
 
     def _take(self, address: str) -> None:
         """Raises: RateLimitedError."""
@@ -291,19 +298,41 @@ def _with_headers(send: Send, path: str, cors: str | None) -> Send:
     return sending
 
 
-_TOKEN_IN_TEXT: Final = re.compile(r"(token=)[^&\s\"']+|(runcast\.bearer\.)[^\s,\"']+")
+# A query's token, a bearer subprotocol, an Authorization header (websockets logs request
+# headers at debug level).
+_TOKEN_IN_TEXT: Final = re.compile(
+    r"(token=)[^&\s\"']+|(runcast\.bearer\.)[^\s,\"']+|(bearer\s+)[^\s,\"']+", re.IGNORECASE
+)
 
 
 class RedactTokens(logging.Filter):
-    """Replaces ``token=SECRET`` (a query string in an access log line) and a bearer
-    subprotocol with ``token=…``: a secret never reaches a log."""
+    """Replaces ``token=SECRET`` (a query string in an access log line), a bearer
+    subprotocol and an ``Authorization: Bearer`` header's secret with ``…``: a secret
+    never reaches a log.
+
+    The arguments are redacted one by one, keeping their shape: uvicorn's access formatter
+    unpacks them (client, method, path, version, status) and fails on anything else.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _redact(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        if isinstance(record.msg, str):
+            record.msg = _redact(record.msg)
         message = record.getMessage()
-        if "token=" in message or BEARER_SUBPROTOCOL in message:
-            record.msg = _TOKEN_IN_TEXT.sub(lambda m: (m.group(1) or m.group(2)) + "…", message)
+        if _redact(message) != message:  # a secret in an argument that is not a string
+            record.msg = _redact(message)
             record.args = ()
         return True
+
+
+def _redact(text: str) -> str:
+    lowered = text.lower()
+    if "token=" not in lowered and "bearer" not in lowered:
+        return text
+    return _TOKEN_IN_TEXT.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "…", text)
 
 
 def redact_logs() -> None:

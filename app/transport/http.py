@@ -8,6 +8,7 @@ and reaches runs and threads only through it (``app.transport.gate``).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -111,7 +112,7 @@ async def _body(request: Request) -> Any:
     """
     limit: int = request.app.state.runtime.settings.max_frame_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _INDEX.fullmatch(declared) and int(declared) > limit:
         raise PayloadTooLargeError(int(declared), limit)
     chunks = []
     size = 0
@@ -127,17 +128,25 @@ async def _body(request: Request) -> Any:
         raise MalformedError("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise MalformedError("request body must be a JSON object")
+    wire.check_depth(body)
     return body
+
+
+_INDEX = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int() also takes "²", "1_0", " 1"
+
+
+def _index(raw: str, name: str) -> int:
+    """A non-negative integer written in ASCII digits. Raises: BadRequestError."""
+    if not _INDEX.fullmatch(raw):
+        raise BadRequestError(f"{name} must be a non-negative integer", field=name)
+    return int(raw)
 
 
 def _int_param(request: Request, name: str, default: int | None, *, lo: int = 0) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequestError(f"{name} must be an integer", field=name) from None
+    value = _index(raw, name)
     if value < lo:
         raise BadRequestError(f"{name} must be >= {lo}", field=name)
     return value
@@ -147,7 +156,7 @@ async def health(request: Request) -> Response:
     """Public: the mode and the store's state, never an error text, a path or a secret."""
     runtime = request.app.state.runtime
     manager = runtime.manager
-    degraded = manager.flusher.last_error is not None
+    degraded = manager.store_degraded
     body: dict[str, Any] = {
         "ok": not degraded,
         "server": __version__,
@@ -221,13 +230,18 @@ async def get_events(request: Request, gate: Gate) -> Response:
     if "text/event-stream" in request.headers.get("accept", ""):
         last_event_id = request.headers.get("last-event-id")
         if last_event_id:
-            if not last_event_id.isdigit():
-                raise BadRequestError("Last-Event-ID must be an index", field="Last-Event-ID")
-            after = int(last_event_id)
+            after = _index(last_event_id, "Last-Event-ID")
         if after > run.last_index:
             raise CursorOutOfRangeError(after, run.last_index)
+        principal = gate.principal
+        authenticator = request.app.state.runtime.authenticator
+        can_end = principal.share_id is not None or principal.expires_at is not None
         return StreamingResponse(
-            event_stream(run, after),
+            event_stream(
+                run,
+                after,
+                (lambda: authenticator.still_valid(principal, time.time())) if can_end else None,
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

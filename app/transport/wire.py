@@ -18,6 +18,9 @@ from app.errors import BadRequestError, MalformedError, PayloadTooLargeError, Ru
 
 PROTOCOL_VERSION: Final = 1
 MAX_EVENTS_PER_FRAME: Final = 1000
+# Deepest nesting of a client's JSON: far beyond any real input, and well inside what the
+# JSON encoder writes back (a value it cannot encode must never get as far as an event).
+MAX_JSON_DEPTH: Final = 64
 
 # One table from error code to HTTP status; the only place that knows it.
 HTTP_STATUS: Final[dict[str, int]] = {
@@ -243,6 +246,25 @@ def parse_model(model: type[M], obj: Any, what: str) -> M:
         raise BadRequestError.from_validation(exc, what) from None
 
 
+def check_depth(obj: JsonObject, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raises: BadRequestError naming the field of ``obj`` whose value nests objects and
+    arrays deeper than ``limit``. Iterative: a deep value costs no recursion."""
+    for name, value in obj.items():
+        level: list[Any] = [value]
+        for _ in range(limit):
+            level = [
+                child
+                for item in level
+                if isinstance(item, dict | list)
+                for child in (item.values() if isinstance(item, dict) else item)
+                if isinstance(child, dict | list)
+            ]
+            if not level:
+                break
+        else:
+            raise BadRequestError(f"{name}: JSON nested deeper than {limit} levels", field=name)
+
+
 def read_ref(obj: Any) -> Ref:
     """The frame's ``ref`` if it is one a reply can echo, else None."""
     if isinstance(obj, dict):
@@ -267,6 +289,7 @@ def parse_op(text: str | bytes) -> tuple[Ref, _Op]:
         raise MalformedError("frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise MalformedError("frame must be a JSON object")
+    check_depth(obj)
     op = obj.get("op")
     model = OPS.get(op) if isinstance(op, str) else None
     if model is None:

@@ -191,7 +191,7 @@ class Session:
                     await self.websocket.send_text(text)
             except TimeoutError:
                 logger.info(
-                    "connection_id=%s: no send progress for %.0f s; closing (4408)",
+                    "connection_id=%s: no send progress for %.1f s; closing (4408)",
                     self.connection_id,
                     self.write_timeout_s,
                 )
