@@ -548,6 +548,10 @@ class RunManager:
         )
 
     def _spawn_supervisor(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
+        if self._closing:
+            # Its start was already being written when shutdown began: it ends at once,
+            # as every other live run does, and is never left live on disk.
+            self._request_stop(run, reason="shutdown", by=None)
         task = asyncio.create_task(self._supervise(run, agent, history), name=f"run {run.run_id}")
         run.task = task
         self._supervisors.add(task)

@@ -1274,3 +1274,26 @@ async def test_echo_gets_its_history_from_start(manager: RunManager) -> None:
             {"role": "user", "content": "again"},
         ]
     }
+
+
+async def test_a_start_written_as_shutdown_begins_ends_with_the_other_runs(
+    manager: RunManager, store: FaultyStore
+) -> None:
+    # The start passed its checks and its write is on its way when close() begins: the
+    # run it creates must end (interrupted, shutdown) like every other, not stay live.
+    store.gate = asyncio.Event()
+    starting = asyncio.create_task(manager.start("hold", {}))
+    async with asyncio.timeout(2):
+        await store.entered.wait()
+    closing = asyncio.create_task(manager.close())
+    await asyncio.sleep(0)  # close() begins: it refuses new runs from its first step
+    assert manager.closing
+    store.gate.set()
+    store.gate = None
+    async with asyncio.timeout(5):
+        run = await starting
+        await closing
+        await run.wait_ended()
+    assert run.state["status"] == "interrupted"
+    record = await store.get_run(run.run_id)
+    assert record is not None and record.status == "interrupted"
