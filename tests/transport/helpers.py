@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.core import snapshot
 
@@ -236,3 +237,30 @@ def fold(events: list[Frame]) -> Frame:
     for event in events:
         snapshot.apply(state, event["type"], event["data"])
     return state
+
+
+async def refused_handshake(url: str, **kw: Any) -> int:
+    """Connect and expect no welcome: the HTTP status of a refused handshake, or the close
+    code (1008) of one accepted and closed at once."""
+    async with asyncio.timeout(5):
+        try:
+            ws = await websockets.connect(url, **kw)
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        try:
+            frame = await ws.recv()
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, exc
+            return exc.rcvd.code
+        finally:
+            await ws.close()
+    raise AssertionError(f"admitted, with {frame!r}")
+
+
+async def open_conn(url: str, **kw: Any) -> Conn:
+    """A connection admitted with its welcome (``kw`` to ``websockets.connect``)."""
+    async with asyncio.timeout(5):
+        ws = await websockets.connect(url, max_size=None, **kw)
+        welcome = json.loads(await ws.recv())
+    assert welcome["type"] == "welcome", welcome
+    return Conn(ws, welcome)

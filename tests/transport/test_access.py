@@ -9,7 +9,6 @@ added without saying who may use it.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,16 +17,22 @@ from typing import Any
 
 import httpx
 import pytest
-import websockets
 from starlette.routing import Mount, Route, WebSocketRoute
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from app.access.policy import Role
 from app.config import Settings
 from app.transport import wire
 from app.transport.app import create_app
 from tests.conftest import Server
-from tests.transport.helpers import TERMINAL, Conn, Frame, wait_status
+from tests.transport.helpers import (
+    TERMINAL,
+    Conn,
+    Frame,
+    open_conn,
+    refused_handshake,
+    wait_status,
+)
 
 SECRETS = {
     "viewer": "viewer-secret-0123456789",
@@ -464,31 +469,6 @@ async def test_listing_shows_only_what_a_token_reaches(world: World) -> None:
 
 
 # -- WebSocket: the role table -----------------------------------------------------------
-
-
-async def refused_handshake(url: str, **kw: Any) -> int:
-    """Connect and expect no welcome: the close code (1008) or the HTTP status."""
-    async with asyncio.timeout(5):
-        try:
-            ws = await websockets.connect(url, **kw)
-        except InvalidStatus as exc:
-            return exc.response.status_code
-        try:
-            frame = await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, exc
-            return exc.rcvd.code
-        finally:
-            await ws.close()
-    raise AssertionError(f"admitted, with {frame!r}")
-
-
-async def open_conn(url: str, **kw: Any) -> Conn:
-    async with asyncio.timeout(5):
-        ws = await websockets.connect(url, max_size=None, **kw)
-        welcome = json.loads(await ws.recv())
-    assert welcome["type"] == "welcome", welcome
-    return Conn(ws, welcome)
 
 
 @dataclass(frozen=True)

@@ -19,41 +19,15 @@ import httpx
 import pytest
 import websockets
 from uvicorn.logging import AccessFormatter
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.transport.edge import is_loopback_host
 from tests.conftest import Server
-from tests.transport.helpers import Conn
+from tests.transport.helpers import open_conn, refused_handshake
 
 ADMIN = "admin-secret-0123456789"
 TOKENS = (f"admin:{ADMIN}",)
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
 EVIL = "http://evil.example"
-
-
-async def refused_handshake(url: str, **kw: Any) -> int:
-    """Connect and expect no welcome: the HTTP status, or the close code."""
-    async with asyncio.timeout(5):
-        try:
-            ws = await websockets.connect(url, **kw)
-        except InvalidStatus as exc:
-            return exc.response.status_code
-        try:
-            frame = await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, exc
-            return exc.rcvd.code
-        finally:
-            await ws.close()
-    raise AssertionError(f"admitted, with {frame!r}")
-
-
-async def open_conn(url: str, **kw: Any) -> Conn:
-    async with asyncio.timeout(5):
-        ws = await websockets.connect(url, max_size=None, **kw)
-        welcome = json.loads(await ws.recv())
-    assert welcome["type"] == "welcome", welcome
-    return Conn(ws, welcome)
 
 
 async def connected_socket(port: int, receive_buffer: int | None = None) -> socket.socket:
