@@ -1,4 +1,4 @@
-"""``runcast bench chaos`` (app/chaos.py) at a small size: clients that drop, resume,
+"""``runcast bench chaos`` (app/bench/chaos.py) at a small size: clients that drop, resume,
 stop, answer, burst and send bad frames against a server process that is SIGKILLed and
 restarted once; every invariant holds and the report says so."""
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from app.chaos import Stats, Tab, fetch_log, is_terminal
+from app.bench.chaos import Stats, Tab, fetch_log, is_terminal
 from tests.conftest import Server
 
 pytestmark = pytest.mark.timeout(60)

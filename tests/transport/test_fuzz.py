@@ -15,7 +15,7 @@ inputs it tried, prints the count and puts it in its assertion message; it colle
 problem before failing, so one run shows them all.
 
 The server runs with the rate limits lifted so that every input reaches a handler (the
-limiter's own answers are valid outcomes, covered by app/chaos.py).
+limiter's own answers are valid outcomes, covered by app/bench/chaos.py).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.chaos import BAD_FRAMES, LIMIT_CODES, Frame, Stats, Tab, fetch_log
+from app.bench.chaos import BAD_FRAMES, LIMIT_CODES, Frame, Stats, Tab, fetch_log
 from tests.conftest import Server
 
 T = TypeVar("T")

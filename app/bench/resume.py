@@ -1,0 +1,95 @@
+"""The ``resume`` scenario of ``runcast bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+
+from app.bench._client import BenchError, Conn, ExactlyOnceError, counter_op, pct, wait_all
+from app.bench._servers import Target
+from app.bench.report import Report
+
+
+async def _run_to_end(conn: Conn, n: int, timeout_s: float = 600) -> str:
+    """Start a counter of ``n`` events and follow it (checked) to its end."""
+    result = await conn.request(counter_op(n))
+    run_id = str(result["run"]["run_id"])
+    watch = conn.watches.get(run_id.encode()) or conn.watch(run_id)
+    watch.expect(n + 2)
+    await wait_all([watch], timeout_s)
+    return run_id
+
+
+async def _time_resume(conn: Conn, run_id: str, after: int, last: int) -> float:
+    """Seconds from a subscribe at ``after`` to the first events frame; checks the rest."""
+    watch = conn.watch(run_id, after)
+    watch.expect(last)
+    began = time.perf_counter()
+    await conn.request({"op": "subscribe", "run_id": run_id, "after": after}, timeout_s=120)
+    await wait_all([watch], 120)
+    return watch.first_at - began
+
+
+async def _resume_cycles(args: argparse.Namespace, target: Target) -> tuple[int, int]:
+    """Drop and resume a watcher of a live run at random moments; returns (cycles, events)."""
+    n = args.resume_live_events
+    rng = random.Random(args.seed)
+    starter = await Conn.open(target.ws_url)
+    try:
+        result = await starter.request({**counter_op(n, delay_s=0.0005), "subscribe": False})
+        run_id = result["run"]["run_id"]
+        cursor = 0
+        cycles = 0
+        while cursor < n + 2:
+            conn = await Conn.open(target.ws_url)
+            watch = conn.watch(run_id, cursor)
+            await conn.request({"op": "subscribe", "run_id": run_id, "after": cursor})
+            # Stay for a random while, then drop without a goodbye.
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            if rng.random() < 0.5:
+                conn.abort()
+            else:
+                await conn.ws.close()
+            await asyncio.wait({conn.reader})
+            if isinstance(watch.error, ExactlyOnceError):
+                raise watch.error
+            if watch.cursor < cursor:
+                raise BenchError("cursor went backwards")
+            cursor = watch.cursor
+            cycles += 1
+            if cycles > 100_000:
+                raise BenchError(f"no progress after {cycles} cycles at cursor {cursor}")
+        return cycles, cursor
+    finally:
+        await starter.close()
+
+
+async def scenario_resume(args: argparse.Namespace, target: Target, report: Report) -> None:
+    conn = await Conn.open(target.ws_url)
+    try:
+        for n in args.resume_sizes:
+            run_id = await _run_to_end(conn, n)
+            last = n + 2
+            after = max(0, last - 10)
+            memory = [await _time_resume(conn, run_id, after, last) for _ in range(20)]
+            disk: list[float] = []
+            if target.linger_s is not None:
+                for _ in range(args.resume_disk_samples):
+                    await asyncio.sleep(target.linger_s + 0.5)  # evicted by then
+                    disk.append(await _time_resume(conn, run_id, after, last))
+            report.add(
+                "resume",
+                f"run of {n:,} events, after=last-10",
+                memory_p50_ms=pct([x * 1000 for x in memory], 50),
+                memory_max_ms=max(memory) * 1000,
+                disk_p50_ms=pct([x * 1000 for x in disk], 50),
+                disk_max_ms=max(disk) * 1000 if disk else float("nan"),
+            )
+        cycles, events = await _resume_cycles(args, target)
+        report.add(
+            "resume", "drop/resume cycles, live run", cycles=cycles, events=events, exact="100%"
+        )
+    finally:
+        await conn.close()
