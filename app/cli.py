@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from app import __version__, bench
+from app import __version__, bench, terminal
 from app.access.tokens import parse_server_tokens
 from app.config import Settings
 from app.errors import StoreError
@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="integrity: SQLite's own check, contiguous logs, terminal events"
     )
     check.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
-    bench_parser = commands.add_parser("bench", help="measure a server (see app/bench.py)")
+    bench_parser = commands.add_parser("bench", help="measure a server (see app/bench/)")
     bench.add_arguments(bench_parser)
+    terminal.add_commands(commands)
     return parser
 
 
@@ -239,6 +240,8 @@ def check_database(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in terminal.COMMANDS:
+        return terminal.main(args)
     if args.command == "bench":
         return bench.main(args)
     if args.command == "db":
