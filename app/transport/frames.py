@@ -1,0 +1,156 @@
+"""Models of what the server sends: every WebSocket frame and the objects inside them.
+
+The server builds its frames as JSON text directly (``app.transport.wire``: an events
+frame joins events encoded once); these models describe the same shapes, for the
+generated API documents, and the tests hold the two together by validating real frames
+against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal[
+    "queued", "running", "requires_action", "completed", "failed", "stopped", "interrupted"
+]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Event(_Frame):
+    """One entry of a run's log (PROTOCOL.md §1)."""
+
+    i: int = Field(ge=1, description="index: 1, 2, 3, ... with no gap in an epoch")
+    type: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    data: dict[str, Any]
+    ts: float = Field(description="Unix seconds when the server appended it")
+
+
+class RunInfo(_Frame):
+    run_id: str
+    thread_id: str
+    agent: str
+    status: Status
+    epoch: str
+    last_index: int = Field(ge=0)
+    created_at: float
+    updated_at: float
+    watchers: int = Field(ge=0)
+    title: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Turn(_Frame):
+    turn_id: str
+    parent_id: str | None
+    role: Literal["user", "assistant"]
+    content: str
+    run_id: str | None
+    status: str
+    created_at: float
+
+
+class ThreadInfo(_Frame):
+    thread_id: str
+    revision: int = Field(ge=0)
+    head: str | None
+    active_run_id: str | None
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+    title: str | None = None
+    turns: list[Turn] | None = Field(None, description="with a thread's read: the turns")
+
+
+class Error(BaseModel):
+    """The ``error`` object: ``code`` for programs, ``message`` for people, and details
+    (``field``, ``active_run_id``, ``last_index``, ``retry_after``, ...) as extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class Snapshot(_Frame):
+    run_id: str
+    index: int = Field(ge=0)
+    epoch: str
+    state: dict[str, Any]
+
+
+class WelcomeFrame(_Frame):
+    type: Literal["welcome"]
+    protocol: Literal[1]
+    server: str
+    connection_id: str
+    role: Literal["viewer", "operator", "admin"] = Field(
+        description="what the connection's token may do"
+    )
+
+
+class ReplyOkFrame(_Frame):
+    type: Literal["reply"]
+    ref: str | int | float | None
+    ok: Literal[True]
+    result: dict[str, Any]
+
+
+class ReplyErrorFrame(_Frame):
+    type: Literal["reply"]
+    ref: str | int | float | None
+    ok: Literal[False]
+    error: Error
+
+
+class EventsFrame(_Frame):
+    type: Literal["events"]
+    run_id: str
+    epoch: str
+    events: list[Event] = Field(min_length=1, max_length=1000)
+
+
+class SnapshotFrame(Snapshot):
+    type: Literal["snapshot"]
+
+
+class ResetFrame(_Frame):
+    type: Literal["reset"]
+    run_id: str
+    epoch: str
+
+
+class PresenceFrame(_Frame):
+    type: Literal["presence"]
+    run_id: str
+    watchers: int = Field(ge=0)
+
+
+class ThreadFrame(_Frame):
+    type: Literal["thread"]
+    thread_id: str
+    change: Literal["run_started", "run_ended", "updated", "deleted"]
+    run: RunInfo | None = None
+    revision: int | None = None
+
+
+class DeletedFrame(_Frame):
+    type: Literal["deleted"]
+    run_id: str
+
+
+SERVER_FRAMES: tuple[type[_Frame], ...] = (
+    WelcomeFrame,
+    ReplyOkFrame,
+    ReplyErrorFrame,
+    EventsFrame,
+    SnapshotFrame,
+    ResetFrame,
+    PresenceFrame,
+    ThreadFrame,
+    DeletedFrame,
+)
