@@ -32,13 +32,13 @@ def asyncapi_document(version: str) -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": _REF.format(model=model.__name__)},
         }
-    for model in frames.SERVER_FRAMES:
-        messages[model.__name__] = {
-            "name": model.__name__,
-            "title": model.__name__,
-            "summary": _summary(model),
+    for frame in frames.SERVER_FRAMES:
+        messages[frame.__name__] = {
+            "name": frame.__name__,
+            "title": frame.__name__,
+            "summary": _summary(frame),
             "contentType": "application/json",
-            "payload": {"$ref": _REF.format(model=model.__name__)},
+            "payload": {"$ref": _REF.format(model=frame.__name__)},
         }
 
     def refs(names: list[str]) -> list[dict[str, str]]:
@@ -74,7 +74,7 @@ def asyncapi_document(version: str) -> dict[str, Any]:
                 "action": "send",
                 "channel": {"$ref": "#/channels/ws"},
                 "summary": "frames the server sends",
-                "messages": refs([model.__name__ for model in frames.SERVER_FRAMES]),
+                "messages": refs([frame.__name__ for frame in frames.SERVER_FRAMES]),
             },
         },
         "components": {"schemas": schema.get("$defs", {}), "messages": messages},
