@@ -55,6 +55,11 @@ class Settings(BaseModel):
     max_input_bytes: int = Field(262_144, ge=64)
     ping_interval_s: float = Field(20.0, gt=0)
     write_timeout_s: float = Field(30.0, gt=0)
+    # -- the openai agent (PROTOCOL.md "Built-in agents"): registered when both are set --
+    # Its key is read from RUNCAST_OPENAI_API_KEY by the agent alone: never a setting, so
+    # never in a flag, a log line or a repr of these settings.
+    openai_base_url: str | None = None  # e.g. http://localhost:11434/v1
+    openai_model: str | None = None
 
     @field_validator("log_level")
     @classmethod
@@ -64,6 +69,13 @@ class Settings(BaseModel):
         if level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("openai_base_url must be an http:// or https:// URL")
+        return value or None
 
     @classmethod
     def from_env(
