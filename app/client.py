@@ -16,6 +16,13 @@ Two objects, each owning one WebSocket:
               async for event in events:
                   ...
 
+Listing goes over HTTP (``GET /api/runs``, ``GET /api/threads``, PROTOCOL.md §5), at the
+same server as the WebSocket: a page with ``list_runs``/``list_threads``, or every item,
+page by page, newest first::
+
+      async for thread in client.threads(metadata={"project": "alpha"}):
+          ...
+
 Errors::
 
     ClientError                 code from PROTOCOL.md §7 (a reply with ok: false)
@@ -35,8 +42,11 @@ import json
 import logging
 import random
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, Self
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -195,19 +205,60 @@ async def _open(
     return ws, welcome
 
 
+def http_url_of(ws_url: str) -> str:
+    """The HTTP base of the server at WebSocket ``ws_url``: ``ws://host:port/ws`` ->
+    ``http://host:port`` (``wss`` -> ``https``; a path before ``/ws`` is kept)."""
+    parts = urllib.parse.urlsplit(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.removesuffix("/").removesuffix("/ws")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _get_json(url: str, token: str | None, timeout_s: float) -> JsonObject:
+    """GET ``url`` (blocking; run in a thread). Raises: ClientError (the server's error
+    object), ConnectionLostError (no answer)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body: JsonObject = json.loads(response.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read()).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if not isinstance(error, dict):
+            error = {"code": "internal", "message": f"HTTP {exc.code} from {url}"}
+        raise ClientError.from_reply(error) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionLostError(f"no answer from {url}: {exc}") from exc
+
+
 class Client:
     """One WebSocket to a runcast server: requests by ``ref``, other frames to listeners.
 
     ``token`` is sent as ``Authorization: Bearer TOKEN`` on the handshake (a server in
-    token mode, PROTOCOL.md §8); its watches use it too. A refused handshake raises
-    ``RefusedError`` from ``async with``; when the server closes the connection because
-    the token expired or was revoked (4401), pending and later requests raise it.
+    token mode, PROTOCOL.md §8); its watches and listings use it too. A refused handshake
+    raises ``RefusedError`` from ``async with``; when the server closes the connection
+    because the token expired or was revoked (4401), pending and later requests raise it.
+    Listings go to ``http_url`` (by default the WebSocket URL's own server) and need no
+    open connection.
     """
 
-    def __init__(self, url: str, *, token: str | None = None, open_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        open_timeout_s: float = 10.0,
+        http_url: str | None = None,
+    ) -> None:
         self.url = url
         self.token = token
         self.open_timeout_s = open_timeout_s
+        self.http_url = http_url or http_url_of(url)
         self.refused: RefusedError | None = None  # why the server closed the connection
         self.welcome: JsonObject = {}
         self._ws: ClientConnection | None = None
@@ -355,11 +406,83 @@ class Client:
         """The server's clock (Unix seconds). Cancellation: safe."""
         return float((await self.request("ping"))["t"])
 
+    async def _get(self, path: str, params: list[tuple[str, str]]) -> JsonObject:
+        query = urllib.parse.urlencode(params)
+        url = f"{self.http_url}{path}" + (f"?{query}" if query else "")
+        return await asyncio.to_thread(_get_json, url, self.token, self.open_timeout_s)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        thread_id: str | None = None,
+        agent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JsonObject:
+        """One page of runs, newest first: ``{"runs": [RunInfo], "next_cursor"}``; pass
+        ``next_cursor`` back as ``cursor`` for the next page (None: it was the last).
+        ``metadata``: only runs whose metadata has each key with that string value.
+
+        Raises: ClientError (``bad_request`` with ``field``, ``unauthorized``, ...),
+        ConnectionLostError.
+
+        Cancellation: safe; the request may finish in the background.
+        """
+        params = _params(
+            status=status, thread_id=thread_id, agent=agent, limit=limit, cursor=cursor
+        )
+        return await self._get("/api/runs", params + _metadata_params(metadata))
+
+    async def list_threads(
+        self,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JsonObject:
+        """One page of threads, newest first: ``{"threads": [ThreadInfo], "next_cursor"}``,
+        as ``list_runs``. Cancellation: safe."""
+        params = _params(limit=limit, cursor=cursor) + _metadata_params(metadata)
+        return await self._get("/api/threads", params)
+
+    async def runs(self, **filters: Any) -> AsyncIterator[JsonObject]:
+        """Every run matching ``filters`` (those of ``list_runs``), newest first, page by
+        page: each run once, even while runs are created (newer ones are not shown)."""
+        cursor = None
+        while True:
+            page = await self.list_runs(**filters, cursor=cursor)
+            for run in page["runs"]:
+                yield run
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    async def threads(self, **filters: Any) -> AsyncIterator[JsonObject]:
+        """Every thread matching ``filters`` (those of ``list_threads``), as ``runs``."""
+        cursor = None
+        while True:
+            page = await self.list_threads(**filters, cursor=cursor)
+            for thread in page["threads"]:
+                yield thread
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
     def watch(self, run_id: str, after: int = 0, **options: Any) -> Watch:
         """A Watch of ``run_id`` on a connection of its own to this client's URL, with
         this client's token unless ``token=`` says otherwise."""
         options.setdefault("token", self.token)
         return Watch(self.url, run_id, after, **options)
+
+
+def _params(**values: Any) -> list[tuple[str, str]]:
+    return [(name, str(value)) for name, value in values.items() if value is not None]
+
+
+def _metadata_params(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    return [(f"metadata.{key}", value) for key, value in (metadata or {}).items()]
 
 
 def watch(url: str, run_id: str, after: int = 0, **options: Any) -> Watch:
@@ -443,7 +566,8 @@ class Watch:
 
         Raises:
             ClientError: the subscribe was refused (``not_found``, ``cursor_out_of_range``,
-                ``forbidden``).
+                ``forbidden``), or the run was deleted while it was watched
+                (``not_found``).
             RefusedError: the server refused the connection, or closed it because the
                 token expired or was revoked (4401).
             ConnectionLostError: reconnecting gave up.
@@ -582,6 +706,8 @@ class Watch:
             self.cursor = frame["index"]
             self._expect_snapshot = False
             self._check_ended()
+        elif kind == "deleted":
+            raise ClientError("not_found", f"run {self.run_id} was deleted")
         elif kind == "events":
             if frame["epoch"] != self.epoch:
                 raise GapError(f"events of epoch {frame['epoch']} while in {self.epoch}")

@@ -20,7 +20,8 @@ layer turns one into an HTTP status, a reply frame or a close code, in one table
      ├── TooManySubscriptionsError    "too_many_subscriptions"
      ├── RateLimitedError             "rate_limited"       (retry_after)
      ├── OverloadedError              "overloaded"  (a server-wide limit, such as live runs)
-     ├── ShuttingDownError            "internal"  (the server refuses new work while it stops)
+     │    └── ShuttingDownError       "overloaded"  (the server refuses new work while it stops)
+     ├── TooManyConnectionsError      "rate_limited" (connections from one address)
      ├── AgentError                   (per instance: what an agent chose to tell clients)
      └── StoreError                   "internal"  (the database failed; the cause is chained)
 """
@@ -157,8 +158,15 @@ class OverloadedError(RuncastError):
     code = "overloaded"
 
 
-class ShuttingDownError(RuncastError):
-    """New work is refused because the server is stopping."""
+class TooManyConnectionsError(RuncastError):
+    """A client address holds as many WebSocket connections as it may."""
+
+    code = "rate_limited"
+
+
+class ShuttingDownError(OverloadedError):
+    """New work is refused because the server is stopping: a 503, worth retrying (on
+    another node, or once this one is back)."""
 
 
 class AgentError(RuncastError):

@@ -21,7 +21,7 @@ from app.core.events import Event, JsonObject
 from app.core.turns import Turn
 from app.engine.run import LiveRun
 from app.errors import StoreError
-from app.store.base import RunRecord, RunWrite, ThreadRecord
+from app.store.base import Key, RunQuery, RunRecord, RunWrite, ThreadRecord
 from app.store.sqlite import SqliteStore
 
 
@@ -145,9 +145,25 @@ class RecordingStore:
         return await self.inner.get_run(run_id)
 
     async def list_runs(
-        self, *, status: str | None, thread_id: str | None, limit: int
+        self, query: RunQuery, *, before: Key | None = None, limit: int
     ) -> list[RunRecord]:
-        return await self.inner.list_runs(status=status, thread_id=thread_id, limit=limit)
+        return await self.inner.list_runs(query, before=before, limit=limit)
+
+    async def list_threads(
+        self, *, metadata: Sequence[tuple[str, str]], before: Key | None = None, limit: int
+    ) -> list[ThreadRecord]:
+        return await self.inner.list_threads(metadata=metadata, before=before, limit=limit)
+
+    async def update_run(
+        self, run_id: str, *, title: str | None, metadata: JsonObject, updated_at: float
+    ) -> None:
+        await self.inner.update_run(run_id, title=title, metadata=metadata, updated_at=updated_at)
+
+    async def delete_run(self, run_id: str) -> bool:
+        return await self.inner.delete_run(run_id)
+
+    async def delete_thread(self, thread_id: str) -> list[str] | None:
+        return await self.inner.delete_thread(thread_id)
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]:
         return await self.inner.read_events(run_id, after, limit)

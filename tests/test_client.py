@@ -22,6 +22,7 @@ from app.client import (
     JsonObject,
     RefusedError,
     Watch,
+    http_url_of,
     watch,
 )
 from tests.conftest import Server, Spawned
@@ -549,3 +550,84 @@ async def test_fake_a_rate_limited_handshake_is_retried_after_retry_after() -> N
         started = loop.time()
         assert await collect(watch(url, "run_x", backoff_s=0.001)) == []
         assert len(requests) == 3 and loop.time() - started >= 0.1  # 2 x retry_after
+
+
+# -- listing (HTTP) and a deleted run -------------------------------------------------------
+
+
+async def test_listing_runs_and_threads_page_by_page(server: Server) -> None:
+    async with (
+        asyncio.timeout(20),
+        httpx.AsyncClient(base_url=server.http_url) as http,
+        Client(server.ws_url) as client,
+    ):
+        assert client.http_url == server.http_url
+        threads = []
+        for k in range(5):
+            body = {"title": f"t{k}", "metadata": {"team": "red" if k % 2 else "blue"}}
+            threads.append((await http.post("/api/threads", json=body)).json()["thread_id"])
+        page = await client.list_threads(limit=2)
+        assert [t["thread_id"] for t in page["threads"]] == threads[:2:-1]
+        nxt = await client.list_threads(limit=2, cursor=page["next_cursor"])
+        assert [t["thread_id"] for t in nxt["threads"]] == threads[2:0:-1]
+        assert [t["thread_id"] async for t in client.threads(limit=2)] == threads[::-1]
+        red = [t["thread_id"] async for t in client.threads(metadata={"team": "red"})]
+        assert red == [threads[3], threads[1]]
+        runs = []
+        for _ in range(3):
+            run = await client.start("counter", {"n": 1}, thread_id=threads[0])
+            async with client.watch(run["run_id"]) as events:
+                async for _ in events:
+                    pass
+            runs.append(run["run_id"])
+        listed = [r["run_id"] async for r in client.runs(thread_id=threads[0], limit=1)]
+        assert listed == runs[::-1]
+        page = await client.list_runs(status="completed", agent="counter", limit=10)
+        assert [r["run_id"] for r in page["runs"]] == runs[::-1] and page["next_cursor"] is None
+        assert (await client.list_runs(metadata={"x": "y"}))["runs"] == []
+        with pytest.raises(ClientError) as caught:
+            await client.list_runs(cursor="nope")
+        assert caught.value.code == "bad_request" and caught.value.details["field"] == "cursor"
+    # Listing needs no open WebSocket; an unreachable server is a lost connection.
+    with pytest.raises(ConnectionLostError):
+        await Client("ws://127.0.0.1:9/ws", open_timeout_s=2).list_threads()
+
+
+async def test_listing_sends_the_token(server_factory: Any) -> None:
+    server = await server_factory(tokens=("viewer:viewer-secret-0123456789",))
+    async with asyncio.timeout(10):
+        with pytest.raises(ClientError) as caught:
+            await Client(server.ws_url).list_runs()
+        assert caught.value.code == "unauthorized"
+        page = await Client(server.ws_url, token="viewer-secret-0123456789").list_threads()
+        assert page == {"threads": [], "next_cursor": None}
+
+
+def test_the_http_url_of_a_websocket_url() -> None:
+    assert http_url_of("ws://127.0.0.1:8000/ws") == "http://127.0.0.1:8000"
+    assert http_url_of("wss://example.com/runcast/ws") == "https://example.com/runcast"
+    assert Client("ws://h/ws", http_url="http://other:1").http_url == "http://other:1"
+
+
+async def test_fake_a_watch_of_a_run_deleted_under_it_ends_with_not_found() -> None:
+    async def serve_then_delete(ws: ServerConnection) -> None:
+        await ws.send(WELCOME)
+        op = json.loads(await ws.recv())
+        info = {"run_id": op["run_id"], "epoch": "e1", "status": "completed", "last_index": 5}
+        await ws.send(
+            json.dumps({"type": "reply", "ref": op["ref"], "ok": True, "result": {"run": info}})
+        )
+        events = [{"i": 1, "type": "tick", "data": {}, "ts": 0.0}]
+        await ws.send(
+            json.dumps({"type": "events", "run_id": op["run_id"], "epoch": "e1", "events": events})
+        )
+        await ws.send(json.dumps({"type": "deleted", "run_id": op["run_id"]}))
+        await ws.wait_closed()
+
+    async with asyncio.timeout(10), fake_server(serve_then_delete) as (url, _):
+        got: list[int] = []
+        with pytest.raises(ClientError) as caught:
+            async with watch(url, "run_x") as w:
+                async for event in w:
+                    got.append(event["i"])
+    assert got == [1] and caught.value.code == "not_found"

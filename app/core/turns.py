@@ -1,8 +1,9 @@
 """Turns of a thread (PROTOCOL.md §6): a tree of user and assistant turns and a head.
 
 The *active path* is the head and its ancestors, oldest first; it is what an agent gets
-as its history. Nothing is ever deleted: rewinding, editing or regenerating adds turns
-or moves the head, and every branch stays in the tree.
+as its history. No operation removes a turn: rewinding, editing, regenerating or asking
+aside adds turns or moves the head, and every branch stays in the tree (only deleting
+the whole thread, PROTOCOL.md §10, erases them).
 """
 
 from __future__ import annotations
@@ -54,15 +55,20 @@ HEAD: Final = Head()
 
 @dataclass(frozen=True, slots=True)
 class TurnPlan:
-    """The turns a run will write when it starts.
+    """The turns an operation writes (a run's, when it starts).
 
     With ``user_content``, a user turn is added under ``parent`` (a turn id, None for the
     root, or HEAD) and the run answers it; without, the run's assistant turn goes under
-    ``parent`` (the user turn it answers again: regenerate).
+    ``parent`` (the user turn it answers again: regenerate). The head moves to the last
+    turn written, unless ``moves_head`` is false (an aside: a branch of its own). Without
+    ``answered`` no run answers: only the user turn is written, and it becomes the head
+    (an edit saved with ``"run": false``).
     """
 
     parent: str | Head | None
     user_content: str | None = None
+    moves_head: bool = True
+    answered: bool = True
 
 
 def active_path(turns: Mapping[str, Turn], head: str | None) -> list[Turn]:
@@ -93,8 +99,9 @@ def history(path: list[Turn]) -> list[JsonObject]:
     return [{"turn_id": t.turn_id, "role": t.role, "content": t.content} for t in path]
 
 
-OPERATIONS: Final = ("start", "send", "edit", "regenerate", "rewind", "undo")
-RUN_OPERATIONS: Final = frozenset({"start", "send", "edit", "regenerate"})
+OPERATIONS: Final = ("start", "send", "edit", "regenerate", "rewind", "undo", "aside")
+# Operations that start a run (``edit`` unless ``run`` is false).
+RUN_OPERATIONS: Final = frozenset({"start", "send", "edit", "regenerate", "aside"})
 
 
 def plan_operation(
@@ -104,11 +111,12 @@ def plan_operation(
     *,
     turn_id: str | None = None,
     content: str | None = None,
+    run: bool = True,
 ) -> tuple[str | None, TurnPlan | None]:
     """What a thread operation does to the tree, decided before anything changes.
 
-    Returns the new head and, for an operation that starts a run with turns, the plan of
-    the turns its run writes.
+    Returns the new head and, for an operation that writes turns, the plan of the turns
+    it (or its run) writes. ``run`` false: an ``edit`` that starts no run.
 
     Raises:
         NotFoundError: ``turn_id`` is not a turn of this thread.
@@ -129,7 +137,7 @@ def plan_operation(
             raise NotFoundError(f"no turn {turn_id} in this thread")
         if turn.role != USER:
             raise BadRequestError("only a user turn can be edited", field="turn_id")
-        return head, TurnPlan(turn.parent_id, content or "")
+        return head, TurnPlan(turn.parent_id, content or "", answered=run)
     if kind == "regenerate":
         answer = last_with_role(path, ASSISTANT)
         if answer is None or answer.parent_id is None:
@@ -140,4 +148,6 @@ def plan_operation(
         if question is None:
             raise BadRequestError("the active path has no user turn to undo")
         return question.parent_id, None
+    if kind == "aside":
+        return head, TurnPlan(HEAD, content or "", moves_head=False)
     raise AssertionError(f"unknown thread operation {kind!r}")

@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -28,6 +28,7 @@ from app.core.events import JsonObject, RunStatus
 from app.core.ids import new_epoch, new_run_id, new_thread_id, new_turn_id
 from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
+from app.engine.records import RecordPatch, check_metadata
 from app.engine.run import LiveRun, Retention, setting_default
 from app.errors import (
     AgentError,
@@ -39,7 +40,7 @@ from app.errors import (
     RunInProgressError,
     ShuttingDownError,
 )
-from app.store.base import RunRecord, RunWrite, Store, ThreadRecord
+from app.store.base import Key, RunQuery, RunRecord, RunWrite, Store, ThreadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class EngineSettings:
 
 @dataclass(frozen=True, slots=True)
 class ThreadChange:
-    """One thread operation: ``kind`` is one of ``turns.OPERATIONS``."""
+    """One thread operation: ``kind`` is one of ``turns.OPERATIONS``. ``run`` false: an
+    ``edit`` saved without a run. ``title`` and ``metadata``: those of the run it starts
+    (``start``)."""
 
     kind: str
     agent: str | None = None
@@ -83,6 +86,18 @@ class ThreadChange:
     turn_id: str | None = None
     multitask: str = "reject"
     expected_revision: int | None = None
+    run: bool = True
+    title: str | None = None
+    metadata: JsonObject | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing: its items (RunInfo or ThreadInfo), newest first, and the
+    key to ask the next page after (None on the last page)."""
+
+    items: list[JsonObject]
+    next: Key | None
 
 
 class RunManager:
@@ -113,6 +128,9 @@ class RunManager:
         self._supervisors: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._evictions: dict[str, asyncio.TimerHandle] = {}
+        # Ids deleted in this process's life: a read back from the store that began
+        # before the delete must not bring its run back into memory.
+        self._deleted: set[str] = set()
         self._flusher_task: asyncio.Task[NoReturn] | None = None
         self._closing = False
 
@@ -260,10 +278,16 @@ class RunManager:
 
     # -- threads ------------------------------------------------------------------------
 
-    async def create_thread(self, metadata: JsonObject | None = None) -> ThreadRecord:
-        """Create a thread; it is on disk before this returns."""
+    async def create_thread(
+        self, metadata: JsonObject | None = None, title: str | None = None
+    ) -> ThreadRecord:
+        """Create a thread; it is on disk before this returns.
+
+        Raises: PayloadTooLargeError (metadata over its limit).
+        """
+        check_metadata(metadata or {})
         now = time.time()
-        thread = ThreadRecord(new_thread_id(), metadata or {}, now, now)
+        thread = ThreadRecord(new_thread_id(), metadata or {}, now, now, title=title)
         await self.store.create_thread(thread)
         return thread
 
@@ -282,6 +306,7 @@ class RunManager:
             "revision": thread.revision,
             "head": thread.head,
             "active_run_id": self._active.get(thread.thread_id),
+            "title": thread.title,
             "metadata": thread.metadata,
             "created_at": thread.created_at,
             "updated_at": thread.updated_at,
@@ -344,23 +369,34 @@ class RunManager:
         *,
         thread_id: str | None = None,
         multitask: str = "reject",
+        title: str | None = None,
+        metadata: JsonObject | None = None,
     ) -> LiveRun:
         """Start a run of ``agent_name`` on ``input`` (no turns); a new thread if none.
+        ``title`` and ``metadata`` are the run's; a new thread takes the title too.
 
         Returns once the run is on disk (it may be ``queued`` with ``enqueue``).
 
         Raises:
             ShuttingDownError, UnknownAgentError, BadRequestError (input, multitask),
             NotFoundError (thread), RunInProgressError (the thread is busy, ``reject``),
-            OverloadedError (``max_live_runs`` runs are live).
+            OverloadedError (``max_live_runs`` runs are live), PayloadTooLargeError
+            (metadata).
         """
         self._check_open()
-        change = ThreadChange("start", agent=agent_name, input=input, multitask=multitask)
+        change = ThreadChange(
+            "start",
+            agent=agent_name,
+            input=input,
+            multitask=multitask,
+            title=title,
+            metadata=metadata,
+        )
         if thread_id is None:
             # A new thread: nothing to read, and it is written with the run, in one
             # transaction.
             now = time.time()
-            thread = ThreadRecord(new_thread_id(), {}, now, now)
+            thread = ThreadRecord(new_thread_id(), {}, now, now, title=title)
             _, run = await self.change_thread(thread.thread_id, change, new_thread=thread)
         else:
             _, run = await self.change_thread(thread_id, change)
@@ -380,14 +416,16 @@ class RunManager:
             ``reject``), NotFoundError (thread or turn), BadRequestError (nothing to act on,
             bad input, bad multitask), UnknownAgentError, ShuttingDownError,
             OverloadedError (it would start a run, and ``max_live_runs`` runs are live;
-            nothing is written).
+            nothing is written), PayloadTooLargeError (the run's metadata).
         """
         self._check_open()
         if change.multitask not in MULTITASK_STRATEGIES:
             raise BadRequestError(
                 f"multitask must be one of {', '.join(MULTITASK_STRATEGIES)}", field="multitask"
             )
-        starts_run = change.kind in turns_.RUN_OPERATIONS
+        if change.metadata is not None:
+            check_metadata(change.metadata)
+        starts_run = change.kind in turns_.RUN_OPERATIONS and change.run
         if change.multitask == "enqueue" and not starts_run:
             raise BadRequestError(
                 f"multitask 'enqueue' applies to operations that start a run, not {change.kind}",
@@ -416,7 +454,12 @@ class RunManager:
             if active is not None and change.multitask == "rollback":
                 head = await self._head_before(active, turns, head)
             new_head, plan = turns_.plan_operation(
-                change.kind, turns, head, turn_id=change.turn_id, content=change.content
+                change.kind,
+                turns,
+                head,
+                turn_id=change.turn_id,
+                content=change.content,
+                run=change.run,
             )
             run_input: JsonObject = {}
             if agent is not None:
@@ -442,13 +485,18 @@ class RunManager:
             new_turns: list[turns_.Turn] = []
             history: list[JsonObject] = []
             if agent is not None:
-                run = self._new_run(thread_id, agent.name, run_input, now)
+                run = self._new_run(
+                    thread_id, agent.name, run_input, now, change.title, change.metadata
+                )
                 if active is None:
                     new_turns, head_after, history = _materialize(updated, turns, plan, run, now)
                     updated = dataclasses.replace(updated, head=head_after)
                 else:
                     run.plan = plan
                     run.go = asyncio.get_running_loop().create_future()
+            elif plan is not None:  # turns and no run: an edit saved as it is
+                new_turns, head_after, _ = _materialize(updated, turns, plan, None, now)
+                updated = dataclasses.replace(updated, head=head_after)
             # Once the write has begun, it and the bookkeeping after it finish even if the
             # caller goes away: what is on disk is also what is in memory.
             stopped = await asyncio.shield(
@@ -526,16 +574,27 @@ class RunManager:
     async def _head_before(
         self, run: LiveRun, turns: dict[str, turns_.Turn], head: str | None
     ) -> str | None:
-        """The head with ``run``'s user and assistant turns taken off the active path."""
+        """The head with ``run``'s user and assistant turns taken off the active path (an
+        aside's are not on it: the head stays)."""
         own = await self.store.turn_of_run(run.run_id)
         if own is None:
             return head
         _, question_id = own
         if question_id is None or question_id not in turns:
             return head
+        if all(turn.turn_id != question_id for turn in turns_.active_path(turns, head)):
+            return head
         return turns[question_id].parent_id
 
-    def _new_run(self, thread_id: str, agent: str, input: JsonObject, now: float) -> LiveRun:
+    def _new_run(
+        self,
+        thread_id: str,
+        agent: str,
+        input: JsonObject,
+        now: float,
+        title: str | None = None,
+        metadata: JsonObject | None = None,
+    ) -> LiveRun:
         return LiveRun(
             run_id=new_run_id(),
             thread_id=thread_id,
@@ -545,6 +604,8 @@ class RunManager:
             created_at=now,
             on_dirty=self.flusher.mark_dirty,
             retention=self.retention,
+            title=title,
+            metadata=metadata,
         )
 
     def _spawn_supervisor(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
@@ -600,6 +661,8 @@ class RunManager:
         # ("latest", a resume near it); any older read pages from disk on demand.
         tail_from = max(0, record.last_index - min(self.settings.tail_events, REVIVED_TAIL))
         tail = await self.store.read_events(run_id, tail_from, None)
+        if run_id in self._deleted:  # deleted while it was being read
+            raise NotFoundError(f"no run {run_id}")
         run = self.runs.get(run_id)  # another reader may have loaded it meanwhile
         if run is None:
             run = LiveRun.from_record(record, tail, self.retention)
@@ -607,29 +670,186 @@ class RunManager:
             self._schedule_eviction(run)
         return run
 
+    # -- records: titles and metadata, listing, deleting -------------------------------
+
     async def list_runs(
-        self, *, status: str | None = None, thread_id: str | None = None, limit: int = 50
-    ) -> list[JsonObject]:
-        records = await self.store.list_runs(status=status, thread_id=thread_id, limit=limit)
-        infos = []
-        for record in records:
-            run = self.runs.get(record.run_id)
-            info = run.info() if run is not None else record_info(record)
-            if status is None or info["status"] == status:
-                infos.append(info)
-        if status is not None:
-            # A run in memory may have a status its stored row does not show yet.
-            listed = {info["run_id"] for info in infos}
-            for run in self.runs.values():
-                if (
-                    run.status.value == status
-                    and run.run_id not in listed
-                    and (thread_id is None or run.thread_id == thread_id)
-                ):
-                    infos.append(run.info())
-            infos.sort(key=lambda info: info["created_at"], reverse=True)
-            del infos[limit:]
-        return infos
+        self, query: RunQuery | None = None, *, before: Key | None = None, limit: int = 50
+    ) -> Page:
+        """A page of RunInfo matching ``query``, newest first, older than ``before``.
+
+        The store's rows are shown as the runs are in memory; with a status filter, a run
+        in memory whose status its row does not show yet (the flusher writes it within an
+        interval) is listed by its status now. Paging visits every run once, even while
+        runs are created: a new run is newer than every page already read.
+        """
+        query = query or RunQuery()
+        records = await self.store.list_runs(query, before=before, limit=limit + 1)
+        full = len(records) > limit
+        if query.status is None:
+            shown = records[:limit]
+            items = [self._run_info(record) for record in shown]
+            last = shown[-1] if full else None
+            return Page(items, None if last is None else (last.created_at, last.run_id))
+        # By status: the rows fetched cover the keys from ``before`` down to the last
+        # one fetched (all keys, when not full). Within that range a run is listed when
+        # its status now is the one asked: its row may say otherwise.
+        floor = (records[-1].created_at, records[-1].run_id) if full else None
+        found = {record.run_id: self._run_info(record) for record in records}
+        for run in self.runs.values():
+            key = (run.created_at, run.run_id)
+            if (
+                run.run_id not in found
+                and run.status.value == query.status
+                and (before is None or key < before)
+                and (floor is None or key >= floor)
+                and _matches(run, query)
+            ):
+                found[run.run_id] = run.info()
+        items = sorted(
+            (info for info in found.values() if info["status"] == query.status),
+            key=lambda info: (info["created_at"], info["run_id"]),
+            reverse=True,
+        )
+        if len(items) > limit:
+            del items[limit:]
+            return Page(items, (items[-1]["created_at"], items[-1]["run_id"]))
+        return Page(items, floor)
+
+    def _run_info(self, record: RunRecord) -> JsonObject:
+        run = self.runs.get(record.run_id)
+        return run.info() if run is not None else record_info(record)
+
+    async def list_threads(
+        self,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        before: Key | None = None,
+        limit: int = 50,
+    ) -> Page:
+        """A page of ThreadInfo, newest first, older than ``before``."""
+        records = await self.store.list_threads(metadata=metadata, before=before, limit=limit + 1)
+        shown = records[:limit]
+        last = shown[-1] if len(records) > limit else None
+        return Page(
+            [self.thread_info(record) for record in shown],
+            None if last is None else (last.created_at, last.thread_id),
+        )
+
+    async def patch_run(self, run: LiveRun, patch: RecordPatch) -> LiveRun:
+        """Change a run's title and metadata (live or ended); on disk before it returns.
+
+        Raises: PayloadTooLargeError (metadata), NotFoundError (deleted meanwhile).
+        """
+        async with self._thread_lock(run.thread_id):
+            if run.deleted:
+                raise NotFoundError(f"no run {run.run_id}")
+            run = await self.get(run.run_id)  # evicted and read back meanwhile: the current one
+            title, metadata = patch.apply(run.title, run.metadata)
+            now = max(time.time(), run.updated_at)
+            await self.store.update_run(run.run_id, title=title, metadata=metadata, updated_at=now)
+            run.title, run.metadata, run.updated_at = title, metadata, now
+        return run
+
+    async def patch_thread(
+        self, thread_id: str, patch: RecordPatch, expected_revision: int | None = None
+    ) -> ThreadRecord:
+        """Change a thread's title and metadata: an operation of its own (one revision,
+        ``updated`` to its watchers), allowed while a run is active (it changes no turn).
+
+        Raises: NotFoundError, ConflictError (stale ``expected_revision``),
+        PayloadTooLargeError (metadata).
+        """
+        async with self._thread_lock(thread_id):
+            thread = await self.get_thread(thread_id)
+            if expected_revision is not None and expected_revision != thread.revision:
+                raise ConflictError(
+                    f"thread {thread_id} is at revision {thread.revision}",
+                    expected_revision=expected_revision,
+                    actual_revision=thread.revision,
+                )
+            title, metadata = patch.apply(thread.title, thread.metadata)
+            updated = dataclasses.replace(
+                thread,
+                title=title,
+                metadata=metadata,
+                revision=thread.revision + 1,
+                updated_at=max(time.time(), thread.updated_at),
+            )
+            await asyncio.shield(self._apply_patch(updated))
+        return updated
+
+    async def _apply_patch(self, updated: ThreadRecord) -> None:
+        await self.store.write_thread(updated, [])
+        self._revisions[updated.thread_id] = updated.revision
+        self._notify_thread(updated.thread_id, "updated")
+
+    async def delete_run(self, run_id: str) -> None:
+        """Erase an ended run for good (PROTOCOL.md §10): from disk in one transaction,
+        then from memory; its readers are told (``deleted``) and stop. The assistant turn
+        it wrote keeps its text, with no run id.
+
+        Raises:
+            NotFoundError: no such run.
+            RunInProgressError: the run is live (queued included).
+        """
+        run = await self.get(run_id)
+        async with self._thread_lock(run.thread_id):
+            run = await self.get(run_id)  # deleted or read back meanwhile: the current one
+            if not run.ended:
+                raise _live(run, f"run {run_id} is {run.status.value}; stop it first")
+            if run.needs_flush:
+                await self.flusher.commit(run)
+            # Once the write has begun, memory follows whatever the caller does.
+            await asyncio.shield(self._erase_run(run))
+
+    async def _erase_run(self, run: LiveRun) -> None:
+        if not await self.store.delete_run(run.run_id):
+            raise NotFoundError(f"no run {run.run_id}")
+        self._forget_run(run)
+        logger.info("run_id=%s deleted", run.run_id)
+
+    async def delete_thread(self, thread_id: str) -> None:
+        """Erase a thread for good with its turns and runs (PROTOCOL.md §10): from disk in
+        one transaction, then from memory; its runs' readers are told (``deleted``), its
+        watchers get ``deleted`` and their watch ends.
+
+        Raises:
+            NotFoundError: no such thread.
+            RunInProgressError: a run of the thread is live (active or queued).
+        """
+        async with self._thread_lock(thread_id):
+            await self.get_thread(thread_id)
+            active = self._active.get(thread_id)
+            live = [r for r in self.runs.values() if r.thread_id == thread_id and not r.ended]
+            if active is not None or live:
+                run_id = active or live[0].run_id
+                raise RunInProgressError(thread_id, run_id)
+            await asyncio.shield(self._erase_thread(thread_id))
+
+    async def _erase_thread(self, thread_id: str) -> None:
+        run_ids = await self.store.delete_thread(thread_id)
+        if run_ids is None:
+            raise NotFoundError(f"no thread {thread_id}")
+        for run_id in run_ids:
+            run = self.runs.get(run_id)
+            if run is not None:
+                self._forget_run(run)
+            else:
+                self._deleted.add(run_id)
+        self._notify_thread(thread_id, "deleted")
+        self._thread_listeners.pop(thread_id, None)
+        self._revisions.pop(thread_id, None)
+        logger.info("thread_id=%s deleted with %d runs", thread_id, len(run_ids))
+
+    def _forget_run(self, run: LiveRun) -> None:
+        """Drop an erased run from memory and wake its readers to find it deleted."""
+        self._deleted.add(run.run_id)
+        if self.runs.get(run.run_id) is run:
+            del self.runs[run.run_id]
+        handle = self._evictions.pop(run.run_id, None)
+        if handle is not None:
+            handle.cancel()
+        run.mark_deleted()
 
     def stop(self, run: LiveRun, by: str | None = None) -> JsonObject:
         """Ask a run to stop; any client may. Stopping an ended run is not an error."""
@@ -827,15 +1047,36 @@ class RunManager:
             del self.runs[run_id]
 
 
+def _matches(run: LiveRun, query: RunQuery) -> bool:
+    """True when the run in memory matches ``query`` (its status aside)."""
+    return (
+        (query.thread_id is None or run.thread_id == query.thread_id)
+        and (query.agent is None or run.agent == query.agent)
+        and all(
+            isinstance(run.metadata.get(key), str) and run.metadata[key] == value
+            for key, value in query.metadata
+        )
+    )
+
+
+def _live(run: LiveRun, message: str) -> RunInProgressError:
+    """The ``run_in_progress`` refusal of an operation on a live run itself."""
+    error = RunInProgressError(run.thread_id, run.run_id)
+    error.message = message
+    error.args = (message,)
+    return error
+
+
 def _materialize(
     thread: ThreadRecord,
     turns: dict[str, turns_.Turn],
     plan: turns_.TurnPlan | None,
-    run: LiveRun,
+    run: LiveRun | None,
     now: float,
 ) -> tuple[list[turns_.Turn], str | None, list[JsonObject]]:
-    """The turns ``run`` writes by ``plan``, the head after them, and the history the
-    agent gets: the active path up to and including the user turn it answers."""
+    """The turns written by ``plan`` (``run``'s, when it answers), the head after them,
+    and the history the agent gets: the active path up to and including the user turn
+    it answers (empty when no run answers)."""
     if plan is None:
         return [], thread.head, turns_.history(turns_.active_path(turns, thread.head))
     parent = thread.head if isinstance(plan.parent, turns_.Head) else plan.parent
@@ -853,6 +1094,9 @@ def _materialize(
         )
         new.append(question)
         parent = question.turn_id
+        if not plan.answered:
+            return new, question.turn_id, []
+    assert run is not None, "a plan that is answered needs its run"
     answer = turns_.Turn(
         new_turn_id(),
         thread.thread_id,
@@ -865,7 +1109,8 @@ def _materialize(
     )
     new.append(answer)
     every = {**turns, **{turn.turn_id: turn for turn in new}}
-    return new, answer.turn_id, turns_.history(turns_.active_path(every, parent))
+    head = answer.turn_id if plan.moves_head else thread.head
+    return new, head, turns_.history(turns_.active_path(every, parent))
 
 
 def record_info(record: RunRecord) -> JsonObject:
@@ -880,6 +1125,8 @@ def record_info(record: RunRecord) -> JsonObject:
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "watchers": 0,
+        "title": record.title,
+        "metadata": record.metadata,
     }
 
 

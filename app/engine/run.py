@@ -7,11 +7,15 @@ no per-reader queue; a thousand readers share one log and one copy of every even
 A terminal status event is *staged* before it is *published*: the flusher writes it to
 disk first, and only then do readers see it, so a client never sees a run end that a
 crash could take back (PROTOCOL.md §4).
+
+An ended run can be *deleted* (PROTOCOL.md §10): readers are woken, every read after
+that finds nothing, and a reader that sees ``deleted`` tells its client and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +32,10 @@ from app.errors import CursorOutOfRangeError, PayloadTooLargeError
 from app.store.base import RunRecord, RunWrite, Store
 
 Clock = Callable[[], float]
+
+# How long a reader that finds a run's events gone from disk waits for the deletion that
+# erased them to be announced (it follows its commit at once).
+DELETION_WAIT_S = 5.0
 
 
 def setting_default(name: str) -> Any:
@@ -83,11 +91,16 @@ class LiveRun:
         clock: Clock = time.time,
         on_dirty: Callable[[LiveRun], None] | None = None,
         retention: Retention | None = None,
+        title: str | None = None,
+        metadata: JsonObject | None = None,
     ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
         self.agent = agent
         self.input = input
+        self.title = title
+        self.metadata: JsonObject = metadata if metadata is not None else {}
+        self.deleted = False
         self.created_at = created_at
         self.updated_at = created_at
         self.log = EventLog(epoch)
@@ -107,6 +120,7 @@ class LiveRun:
         self._wakeup: asyncio.Event | None = None
         self._poked: asyncio.Event | None = None
         self._ended = asyncio.Event()
+        self._deleted: asyncio.Event | None = None
         # Persistence bookkeeping, owned by the flusher.
         self.flushed_index = 0
         self.record_flushed = False
@@ -138,6 +152,8 @@ class LiveRun:
             epoch=record.epoch,
             created_at=record.created_at,
             retention=retention,
+            title=record.title,
+            metadata=record.metadata,
         )
         first = tail[0].index if tail else record.last_index + 1
         run.log = EventLog(record.epoch, tail, first_index=first)
@@ -187,17 +203,28 @@ class LiveRun:
 
         Cancellation: safe; nothing is consumed.
         """
+        if self.deleted:
+            return []  # erased, from memory and disk: nothing more to read
         if self.log.holds(cursor):
             return self.log.read_after(cursor, limit)
         if cursor > self.log.last_index or cursor < 0:
             raise CursorOutOfRangeError(cursor, self.log.last_index)
         store = self.retention.store
         assert store is not None, f"run {self.run_id} trimmed its log with no store"
-        return await store.read_events(self.run_id, cursor, limit)
+        events = await store.read_events(self.run_id, cursor, limit)
+        if not events and limit > 0:
+            # Events before the last index are on disk, unless the run was just erased:
+            # the reader learns that from ``deleted``, once the deletion is announced.
+            if self._deleted is None:
+                self._deleted = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DELETION_WAIT_S):
+                    await self._deleted.wait()
+        return events
 
     async def wait_after(self, cursor: int, *, presence: bool = True) -> None:
-        """Return once an event after ``cursor`` exists, the run has ended, or (when
-        ``presence``) ``poke`` was called.
+        """Return once an event after ``cursor`` exists, the run has ended (or has been
+        deleted), or (when ``presence``) ``poke`` was called.
 
         Cancellation: always safe; waiting consumes nothing and changes no state.
         """
@@ -301,6 +328,8 @@ class LiveRun:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "watchers": self.watchers,
+            "title": self.title,
+            "metadata": self.metadata,
         }
 
     def statistics(self) -> JsonObject:
@@ -384,6 +413,17 @@ class LiveRun:
         self._ended.set()
         self._wake()
 
+    def mark_deleted(self) -> None:
+        """The run was erased (it had ended): wake every reader, each to find ``deleted``
+        set and nothing more to read, and drop the log's tail."""
+        assert self.ended, f"deleting live run {self.run_id}"
+        self.deleted = True
+        self.log.trim_before(self.log.last_index + 1)
+        self.keyframes = []
+        if self._deleted is not None:
+            self._deleted.set()
+        self._wake()
+
     def _changed(self) -> None:
         self._wake()
         if self._on_dirty is not None:
@@ -414,6 +454,8 @@ class LiveRun:
             snapshot=state,
             created_at=self.created_at,
             updated_at=updated_at,
+            title=self.title,
+            metadata=self.metadata,
         )
         return RunWrite(record=record, events=events, keyframes=list(self.keyframes))
 

@@ -14,6 +14,10 @@ from typing import Any, Protocol
 from app.core.events import Event, JsonObject
 from app.core.turns import Turn
 
+# A listing's position (PROTOCOL.md §5): (created_at, id) of the last item a page showed;
+# the next page holds the items strictly older, newest first.
+Key = tuple[float, str]
+
 
 @dataclass(frozen=True, slots=True)
 class ThreadRecord:
@@ -23,6 +27,18 @@ class ThreadRecord:
     updated_at: float
     revision: int = 0
     head: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """What a listing of runs matches: each given filter must hold. ``metadata``: for
+    every (key, value) pair, a top-level key whose value is that string."""
+
+    status: str | None = None
+    thread_id: str | None = None
+    agent: str | None = None
+    metadata: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +55,8 @@ class RunRecord:
     snapshot: JsonObject
     created_at: float
     updated_at: float
+    title: str | None = None
+    metadata: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +109,35 @@ class Store(Protocol):
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     async def list_runs(
-        self, *, status: str | None, thread_id: str | None, limit: int
-    ) -> list[RunRecord]: ...
+        self, query: RunQuery, *, before: Key | None = None, limit: int
+    ) -> list[RunRecord]:
+        """Runs matching ``query`` older than ``before`` (all, without it), newest first
+        by (created_at, run_id): a range of an index, never a scan of the table."""
+        ...
+
+    async def list_threads(
+        self, *, metadata: Sequence[tuple[str, str]], before: Key | None = None, limit: int
+    ) -> list[ThreadRecord]:
+        """Threads as ``list_runs`` lists runs."""
+        ...
+
+    async def update_run(
+        self, run_id: str, *, title: str | None, metadata: JsonObject, updated_at: float
+    ) -> None:
+        """Set a run's title and metadata (PATCH), on disk before it returns."""
+        ...
+
+    async def delete_run(self, run_id: str) -> bool:
+        """Erase an ended run for good, in ONE transaction: its row, events, keyframes and
+        shares; its assistant turn keeps the run's text and status, with no run id.
+        Returns False when there was no such run."""
+        ...
+
+    async def delete_thread(self, thread_id: str) -> list[str] | None:
+        """Erase a thread for good, in ONE transaction: its row, turns, runs (with their
+        events, keyframes and shares) and shares. Returns the ids of the runs erased;
+        None when there was no such thread."""
+        ...
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]: ...
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import aiosqlite
 
-from app.core.events import TERMINAL_STATUSES, Event, decode, encode
+from app.core.events import TERMINAL_STATUSES, Event, JsonObject, decode, encode
 from app.core.turns import Turn
 from app.errors import StoreError
-from app.store.base import RunRecord, RunWrite, ShareRecord, ThreadRecord
+from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +100,101 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS shares_revoked ON shares (expires_at) WHERE revoked_at IS NOT NULL;
     """,
+    # 4: titles and metadata of runs; listing by (created_at, id) ranges of indexes; the
+    # status an assistant turn keeps when its run is deleted; shares found by resource
+    """
+    ALTER TABLE threads ADD COLUMN title TEXT;
+    ALTER TABLE runs ADD COLUMN title TEXT;
+    ALTER TABLE runs ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE turns ADD COLUMN status TEXT;
+    DROP INDEX IF EXISTS runs_by_thread;
+    DROP INDEX IF EXISTS runs_by_status;
+    CREATE INDEX IF NOT EXISTS threads_by_created ON threads (created_at, thread_id);
+    CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at, run_id);
+    CREATE INDEX IF NOT EXISTS runs_by_thread_created ON runs (thread_id, created_at, run_id);
+    CREATE INDEX IF NOT EXISTS runs_by_status_created ON runs (status, created_at, run_id);
+    CREATE INDEX IF NOT EXISTS runs_by_agent_created ON runs (agent, created_at, run_id);
+    CREATE INDEX IF NOT EXISTS shares_by_resource ON shares (resource_id);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _SHARE_COLUMNS = "share_id, kind, resource_id, role, created_by, created_at, expires_at, revoked_at"
 
 _RUN_COLUMNS = (
-    "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at, updated_at"
+    "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at,"
+    " updated_at, title, metadata"
 )
 
+# A run's title and metadata are written when it is created and by ``update_run`` (PATCH)
+# only: a flush never overwrites them.
 _UPSERT_RUN = f"""
-INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, epoch = excluded.epoch, last_index = excluded.last_index,
     snapshot = excluded.snapshot, updated_at = excluded.updated_at
 """
 
 _TERMINAL = tuple(sorted(status.value for status in TERMINAL_STATUSES))
+BUSY_TIMEOUT_MS = 5_000  # what the connection waits for a lock (sqlite3's own default)
+
+
+def _page_query(
+    table: str,
+    id_column: str,
+    columns: str,
+    where: list[str],
+    params: list[Any],
+    metadata: Sequence[tuple[str, str]],
+    before: Key | None,
+    limit: int,
+) -> tuple[str, tuple[Any, ...]]:
+    """A page of ``table``, newest first by (created_at, id), after the ``before`` key.
+
+    With no filter or an equality filter on an indexed column, the page is one range of
+    an index ending in (created_at, id): keyset paging, whatever the page's depth. A
+    metadata filter is checked on the rows of that range, each a top-level key whose value
+    must be that string.
+    """
+    where = list(where)
+    params = list(params)
+    for key, value in metadata:
+        where.append(
+            f"EXISTS (SELECT 1 FROM json_each({table}.metadata)"
+            " WHERE key = ? AND type = 'text' AND value = ?)"
+        )
+        params.extend((key, value))
+    if before is not None:
+        where.append(f"(created_at, {id_column}) < (?, ?)")
+        params.extend(before)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    params.append(limit)
+    sql = (
+        f"SELECT {columns} FROM {table}{clause} ORDER BY created_at DESC, {id_column} DESC LIMIT ?"
+    )
+    return sql, tuple(params)
+
+
+def run_page_query(query: RunQuery, before: Key | None, limit: int) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and parameters of a page of runs (its query plan is tested)."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("thread_id", query.thread_id),
+        ("status", query.status),
+        ("agent", query.agent),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    return _page_query("runs", "run_id", _RUN_COLUMNS, where, params, query.metadata, before, limit)
+
+
+def thread_page_query(
+    metadata: Sequence[tuple[str, str]], before: Key | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and parameters of a page of threads (its query plan is tested)."""
+    return _page_query("threads", "thread_id", _THREAD_COLUMNS, [], [], metadata, before, limit)
 
 
 def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
@@ -131,11 +209,13 @@ def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
         snapshot=decode(row[7]),
         created_at=row[8],
         updated_at=row[9],
+        title=row[10],
+        metadata=decode(row[11]),
     )
 
 
-_THREAD_COLUMNS = "thread_id, metadata, revision, head, created_at, updated_at"
-_THREAD_VALUES = "VALUES (?, ?, ?, ?, ?, ?)"
+_THREAD_COLUMNS = "thread_id, metadata, revision, head, created_at, updated_at, title"
+_THREAD_VALUES = "VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
 def _thread_row(thread: ThreadRecord) -> tuple[Any, ...]:
@@ -146,6 +226,7 @@ def _thread_row(thread: ThreadRecord) -> tuple[Any, ...]:
         thread.head,
         thread.created_at,
         thread.updated_at,
+        thread.title,
     )
 
 
@@ -157,6 +238,7 @@ def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
         head=row[3],
         created_at=row[4],
         updated_at=row[5],
+        title=row[6],
     )
 
 
@@ -207,6 +289,8 @@ def _run_rows(batch: Sequence[RunWrite]) -> list[tuple[Any, ...]]:
                 encode(record.snapshot),
                 record.created_at,
                 record.updated_at,
+                record.title,
+                encode(record.metadata),
             )
         )
     return run_rows
@@ -240,6 +324,9 @@ class SqliteStore:
             # loss may drop the last transactions.
             await self.db.execute("PRAGMA synchronous=NORMAL")
             await self.db.execute("PRAGMA foreign_keys=ON")
+            # Deleted content is overwritten with zeros, so that a run or a thread erased
+            # for good (PROTOCOL.md §10) leaves no trace in the file's free space.
+            await self.db.execute("PRAGMA secure_delete=ON")
             # The version is read before the schema is touched: a newer runcast's file is
             # refused as it is, not given this version's tables first.
             await self.db.executescript(_META)
@@ -313,7 +400,8 @@ class SqliteStore:
             await db.execute(
                 f"INSERT INTO threads ({_THREAD_COLUMNS}) {_THREAD_VALUES}"
                 " ON CONFLICT (thread_id) DO UPDATE SET revision = excluded.revision,"
-                " head = excluded.head, updated_at = excluded.updated_at",
+                " head = excluded.head, updated_at = excluded.updated_at,"
+                " title = excluded.title, metadata = excluded.metadata",
                 _thread_row(thread),
             )
             await db.executemany(
@@ -325,10 +413,11 @@ class SqliteStore:
 
     async def load_turns(self, thread_id: str) -> list[Turn]:
         """Every turn of the thread, oldest first. An assistant turn's content and status
-        are its run's (as of the run's last flush)."""
+        are its run's (as of the run's last flush); once its run is deleted, the ones it
+        kept."""
         rows = await self._fetch(
             "SELECT t.turn_id, t.thread_id, t.parent_id, t.role, t.content, t.run_id,"
-            " t.created_at, r.status, json_extract(r.snapshot, '$.message.content')"
+            " t.created_at, r.status, json_extract(r.snapshot, '$.message.content'), t.status"
             " FROM turns t LEFT JOIN runs r ON r.run_id = t.run_id"
             " WHERE t.thread_id = ? ORDER BY t.created_at, t.rowid",
             (thread_id,),
@@ -341,7 +430,7 @@ class SqliteStore:
                 role=row[3],
                 content=row[4] if row[5] is None else (row[8] or ""),
                 run_id=row[5],
-                status="completed" if row[5] is None else (row[7] or "queued"),
+                status=(row[9] or "completed") if row[5] is None else (row[7] or "queued"),
                 created_at=row[6],
             )
             for row in rows
@@ -404,23 +493,125 @@ class SqliteStore:
         return _run_from_row(rows[0]) if rows else None
 
     async def list_runs(
-        self, *, status: str | None, thread_id: str | None, limit: int
+        self, query: RunQuery, *, before: Key | None = None, limit: int
     ) -> list[RunRecord]:
-        where = []
-        params: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if thread_id is not None:
-            where.append("thread_id = ?")
-            params.append(thread_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        params.append(limit)
-        rows = await self._fetch(
-            f"SELECT {_RUN_COLUMNS} FROM runs {clause} ORDER BY created_at DESC LIMIT ?",
-            tuple(params),
+        sql, params = run_page_query(query, before, limit)
+        return [_run_from_row(row) for row in await self._fetch(sql, params)]
+
+    async def list_threads(
+        self, *, metadata: Sequence[tuple[str, str]], before: Key | None = None, limit: int
+    ) -> list[ThreadRecord]:
+        sql, params = thread_page_query(metadata, before, limit)
+        return [_thread_from_row(row) for row in await self._fetch(sql, params)]
+
+    async def update_run(
+        self, run_id: str, *, title: str | None, metadata: JsonObject, updated_at: float
+    ) -> None:
+        await self._execute(
+            "UPDATE runs SET title = ?, metadata = ?, updated_at = ? WHERE run_id = ?",
+            (title, encode(metadata), updated_at, run_id),
         )
-        return [_run_from_row(row) for row in rows]
+
+    async def delete_run(self, run_id: str) -> bool:
+        async with self._transaction(f"delete of run {run_id}") as db:
+            async with db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            # The assistant turn it wrote keeps its text and status, and no longer names it.
+            await db.execute(
+                "UPDATE turns SET"
+                " content = coalesce((SELECT json_extract(snapshot, '$.message.content')"
+                " FROM runs WHERE run_id = ?1), content),"
+                " status = (SELECT status FROM runs WHERE run_id = ?1),"
+                " run_id = NULL WHERE run_id = ?1",
+                (run_id,),
+            )
+            await db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+            await db.execute("DELETE FROM keyframes WHERE run_id = ?", (run_id,))
+            await db.execute("DELETE FROM shares WHERE kind = 'run' AND resource_id = ?", (run_id,))
+            await db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        await self._truncate_wal()
+        return True
+
+    async def delete_thread(self, thread_id: str) -> list[str] | None:
+        async with self._transaction(f"delete of thread {thread_id}") as db:
+            async with db.execute(
+                "SELECT 1 FROM threads WHERE thread_id = ?", (thread_id,)
+            ) as cursor:
+                if await cursor.fetchone() is None:
+                    return None
+            async with db.execute(
+                "SELECT run_id FROM runs WHERE thread_id = ?", (thread_id,)
+            ) as cursor:
+                run_ids = [row[0] for row in await cursor.fetchall()]
+            runs = "(SELECT run_id FROM runs WHERE thread_id = ?1)"
+            for sql in (
+                f"DELETE FROM events WHERE run_id IN {runs}",
+                f"DELETE FROM keyframes WHERE run_id IN {runs}",
+                f"DELETE FROM shares WHERE kind = 'run' AND resource_id IN {runs}",
+                "DELETE FROM shares WHERE kind = 'thread' AND resource_id = ?1",
+                "DELETE FROM turns WHERE thread_id = ?1",
+                "DELETE FROM runs WHERE thread_id = ?1",
+                "DELETE FROM threads WHERE thread_id = ?1",
+            ):
+                await db.execute(sql, (thread_id,))
+        await self._truncate_wal()
+        return run_ids
+
+    async def _truncate_wal(self) -> None:
+        """Checkpoint and empty the WAL file, so that the pages a delete changed are
+        written over in the database file and the WAL keeps no older copy of them. Best
+        effort, and at once: a reader in another process that keeps it from finishing is
+        not waited for (logged); the next checkpoint writes the pages over."""
+        async with self._write_lock:
+            try:
+                await self.db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    row = await self._checkpoint()
+                finally:
+                    await self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            except sqlite3.Error as exc:
+                logger.warning("database %s: checkpoint after a delete failed: %s", self.path, exc)
+                return
+        if row[0]:
+            logger.warning(
+                "database %s: checkpoint after a delete was blocked by a reader; the WAL "
+                "keeps older pages until the next checkpoint",
+                self.path,
+            )
+
+    async def _checkpoint(self) -> tuple[int, int, int]:
+        """``PRAGMA wal_checkpoint(TRUNCATE)``: (busy, WAL frames, frames checkpointed);
+        its row is read, so no statement is left in progress. Raises: sqlite3.Error."""
+        async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return row[0], row[1], row[2]
+
+    def _file_bytes(self) -> int:
+        """The database file and its WAL, in bytes."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    async def vacuum(self) -> tuple[int, int]:
+        """Rebuild the file without its free pages (``runcast db vacuum``); returns its
+        size in bytes (with the WAL) before and after.
+
+        Raises:
+            StoreError: the database is busy or the rebuild failed.
+        """
+        before = self._file_bytes()
+        async with self._write_lock:
+            try:
+                await self._checkpoint()
+                await self.db.execute("VACUUM")
+                await self._checkpoint()
+            except sqlite3.Error as exc:
+                raise StoreError(f"vacuum of {self.path} failed: {exc}") from exc
+        return before, self._file_bytes()
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]:
         rows = await self._fetch(
@@ -466,6 +657,35 @@ class SqliteStore:
             event = Event.from_json(rows[0][0]) if rows else None
             if event is None or event.type != "status" or event.data.get("status") != status:
                 problems.append(f"run {run_id}: {status}, but its last event is not that status")
+        # What a delete could leave behind: a turn naming a run, a head naming a turn, or
+        # events, keyframes or shares of something that is no longer there.
+        for turn_id, run_id in await self._fetch(
+            "SELECT t.turn_id, t.run_id FROM turns t WHERE t.run_id IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.run_id = t.run_id)",
+            (),
+        ):
+            problems.append(f"turn {turn_id}: its run {run_id} does not exist")
+        for thread_id, head in await self._fetch(
+            "SELECT h.thread_id, h.head FROM threads h WHERE h.head IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM turns t WHERE t.turn_id = h.head)",
+            (),
+        ):
+            problems.append(f"thread {thread_id}: its head {head} is not a turn")
+        for table in ("events", "keyframes"):
+            for (run_id,) in await self._fetch(
+                f"SELECT DISTINCT run_id FROM {table} x"
+                " WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.run_id = x.run_id)",
+                (),
+            ):
+                problems.append(f"{table} of run {run_id}, which does not exist")
+        for share_id, kind, resource_id in await self._fetch(
+            "SELECT share_id, kind, resource_id FROM shares s WHERE NOT EXISTS"
+            " (SELECT 1 FROM runs r WHERE s.kind = 'run' AND r.run_id = s.resource_id)"
+            " AND NOT EXISTS"
+            " (SELECT 1 FROM threads h WHERE s.kind = 'thread' AND h.thread_id = s.resource_id)",
+            (),
+        ):
+            problems.append(f"share {share_id}: its {kind} {resource_id} does not exist")
         return problems
 
     async def live_runs(self) -> list[RunRecord]:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import logging
+import os
 import secrets
+import sys
 import time
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import fields
 from pathlib import Path
+from types import ModuleType
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -131,13 +136,102 @@ class Runtime:
 
 
 def load_agent_modules(registry: Registry, modules: tuple[str, ...]) -> None:
-    """Import each module; a module registers its agents on the default registry, or
-    exposes ``register(registry)``."""
-    for name in modules:
-        module = importlib.import_module(name)
+    """Import each agent module; it registers its agents on the default registry, or
+    exposes ``register(registry)``.
+
+    A module is a dotted name, looked up in the current directory first and then on
+    ``sys.path`` (as uvicorn's ``--app-dir .``), or the path of a ``.py`` file, whose own
+    directory is then looked in first. The directory stays on ``sys.path``, so that the
+    module can import its neighbours, at once or later.
+
+    Raises:
+        ModuleNotFoundError: there is no such module or file.
+        ImportError: the module raised while it was imported or registered its agents.
+            Either error's message is one line that names the module (and, for a broken
+            one, its file, line and error); ``name`` is the module as given, and the
+            module's own exception is the ``__cause__``.
+    """
+    for spec in modules:
+        module = _import_agent_module(spec)
         register = getattr(module, "register", None)
-        if callable(register) and register is not default_registry.register:
-            register(registry)
+        # == and not ``is``: each attribute access makes a new bound method.
+        if callable(register) and register != default_registry.register:
+            try:
+                register(registry)
+            except Exception as exc:
+                raise _broken_agent_module(spec, module.__file__, exc) from exc
+
+
+def _import_agent_module(spec: str) -> ModuleType:
+    by_path = spec.endswith(".py") or "/" in spec or os.sep in spec
+    directory = Path(spec).expanduser().resolve().parent if by_path else Path.cwd()
+    if not sys.path or sys.path[0] != str(directory):
+        sys.path.insert(0, str(directory))
+    importlib.invalidate_caches()  # a file written since the interpreter looked
+    if by_path:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ModuleNotFoundError(
+                f"cannot load agent module {spec}: no such file", name=spec, path=str(path)
+            )
+        found = importlib.util.spec_from_file_location(path.stem, path)
+    else:
+        try:
+            found = importlib.util.find_spec(spec)
+        except ModuleNotFoundError:  # a parent package is missing
+            found = None
+        except ValueError as exc:  # not a module name (".x", "")
+            raise ModuleNotFoundError(f"cannot load agent module {spec!r}: {exc}") from exc
+        except Exception as exc:  # a parent package failed to import
+            raise _broken_agent_module(spec, None, exc) from exc
+    if found is None or found.loader is None:
+        raise ModuleNotFoundError(
+            f"cannot load agent module {spec}: no module named {spec!r} in {Path.cwd()} "
+            "or on the Python path",
+            name=spec,
+        )
+    try:
+        if not by_path:
+            return importlib.import_module(spec)
+        module = importlib.util.module_from_spec(found)
+        sys.modules[found.name] = module
+        try:
+            found.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(found.name, None)
+            raise
+        return module
+    except Exception as exc:
+        raise _broken_agent_module(spec, found.origin, exc) from exc
+
+
+def _broken_agent_module(spec: str, origin: str | None, exc: Exception) -> ImportError:
+    """One line for ``exc``, raised by agent module ``spec`` (file ``origin``): the
+    module's line it came through (else the deepest line that is not importlib's), and
+    the error."""
+    filename: str | None = origin
+    line: int | None = None
+    what = str(exc)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        filename, line, what = exc.filename, exc.lineno, exc.msg or ""
+    else:
+        frames = [
+            (frame.f_code.co_filename, number)
+            for frame, number in traceback.walk_tb(exc.__traceback__)
+            if not frame.f_code.co_filename.startswith("<")  # <frozen importlib._bootstrap>
+        ]
+        in_module = [frame for frame in frames if frame[0] == origin]
+        if in_module or frames:
+            filename, line = (in_module or frames)[-1]
+    where = ""
+    if filename:
+        shown = Path(filename)
+        with contextlib.suppress(ValueError):
+            shown = shown.relative_to(Path.cwd())
+        where = f"{shown}, line {line}: " if line else f"{shown}: "
+    first = next(iter(what.strip().splitlines()), "")
+    error = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return ImportError(f"cannot load agent module {spec}: {where}{error}", name=spec, path=origin)
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> Starlette:
@@ -146,6 +240,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
         registry = default_registry
         if "demo" not in registry:
             register_builtins(registry)
+        if settings.openai_base_url and settings.openai_model:  # the SDK loads in 0.7 s
+            from app.agents.openai import register_openai
+
+            register_openai(registry, settings)
         load_agent_modules(registry, settings.agents)
     runtime = Runtime(settings, registry)
 

@@ -30,7 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.access.policy import Principal
 from app.core.events import encode
 from app.core.ratelimit import TokenBucket
-from app.errors import ForbiddenError, RateLimitedError, RuncastError, UnauthorizedError
+from app.errors import (
+    ForbiddenError,
+    RateLimitedError,
+    RuncastError,
+    TooManyConnectionsError,
+    UnauthorizedError,
+)
 from app.transport.wire import HTTP_STATUS
 
 logger = logging.getLogger(__name__)
@@ -161,7 +167,7 @@ class Edge:
         limit = self.max_connections_per_address
         count = self.connections.get(address, 0)
         if limit and count >= limit:
-            error = RuncastError(f"more than {limit} connections from one address")
+            error = TooManyConnectionsError(f"more than {limit} connections from one address")
             await self._close_handshake(scope, receive, send, error)
             return
         self.connections[address] = count + 1

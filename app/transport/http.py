@@ -21,8 +21,8 @@ from starlette.routing import Route
 from app import __version__
 from app.access.policy import OPEN, Action, Resource, Role, Scope
 from app.access.shares import Shares
-from app.core.events import decode, encode
-from app.engine.manager import RunManager
+from app.core.events import JsonObject, decode, encode
+from app.engine.manager import Page, RunManager
 from app.errors import (
     BadRequestError,
     CursorOutOfRangeError,
@@ -33,6 +33,7 @@ from app.errors import (
     RuncastError,
     StoreError,
 )
+from app.store.base import Key, RunQuery
 from app.transport import wire
 from app.transport.gate import Gate
 from app.transport.openapi import openapi_document
@@ -41,6 +42,8 @@ from app.transport.sse import event_stream
 logger = logging.getLogger(__name__)
 
 MAX_PAGE = 10_000
+MAX_LISTING = 1_000  # items in one page of a listing
+METADATA_FILTER = "metadata."
 
 
 class Json(JSONResponse):
@@ -180,7 +183,12 @@ async def create_run(request: Request, gate: Gate) -> Response:
     gate.start_in(body.thread_id)
     _check_input(request, body.input)
     run = await _manager(request).start(
-        body.agent, body.input, thread_id=body.thread_id, multitask=body.multitask
+        body.agent,
+        body.input,
+        thread_id=body.thread_id,
+        multitask=body.multitask,
+        title=body.title,
+        metadata=body.metadata,
     )
     return Json(run.info(), status_code=201)
 
@@ -190,31 +198,105 @@ def _check_input(request: Request, value: Any) -> None:
     wire.check_input_size(value, limit)
 
 
-async def list_runs(request: Request, gate: Gate) -> Response:
-    gate.server(Action.READ)
+def _listing(request: Request) -> tuple[int, Key | None, list[tuple[str, str]]]:
+    """A listing's ``limit`` (1..1,000; default 50), the key after ``cursor``, and its
+    ``metadata.KEY=VALUE`` filters. Raises: BadRequestError (names the parameter)."""
     limit = _int_param(request, "limit", 50, lo=1)
     assert limit is not None
-    status = request.query_params.get("status") or None
-    thread_id = request.query_params.get("thread_id") or None
+    cursor = request.query_params.get("cursor") or None
+    before = None if cursor is None else wire.decode_cursor(cursor)
+    metadata = []
+    for name, value in request.query_params.multi_items():
+        if name.startswith(METADATA_FILTER):
+            key = name[len(METADATA_FILTER) :]
+            if not key:
+                raise BadRequestError("a metadata filter names a key", field=name)
+            metadata.append((key, value))
+    return min(limit, MAX_LISTING), before, metadata
+
+
+def _has_metadata(metadata: JsonObject, filters: list[tuple[str, str]]) -> bool:
+    return all(metadata.get(key) == value for key, value in filters)
+
+
+def _page(name: str, page: Page) -> Response:
+    cursor = None if page.next is None else wire.encode_cursor(page.next)
+    return Json({name: page.items, "next_cursor": cursor})
+
+
+async def list_runs(request: Request, gate: Gate) -> Response:
+    """``GET /api/runs``: newest first, by cursor; only what the token may read."""
+    gate.server(Action.READ)
+    limit, before, metadata = _listing(request)
+    params = request.query_params
+    query = RunQuery(
+        status=params.get("status") or None,
+        thread_id=params.get("thread_id") or None,
+        agent=params.get("agent") or None,
+        metadata=metadata,
+    )
     scope = gate.principal.scope
     if scope is not None and scope.kind == "run":
-        run = await gate.run(scope.id, Action.READ)
+        try:
+            run = await gate.run(scope.id, Action.READ)
+        except NotFoundError:  # the share's run was deleted
+            return _page("runs", Page([], None))
         info = run.info()
-        matches = status in (None, info["status"]) and thread_id in (None, info["thread_id"])
-        return Json({"runs": [info] if matches else []})
+        key = (run.created_at, run.run_id)
+        matches = (
+            query.status in (None, info["status"])
+            and query.thread_id in (None, run.thread_id)
+            and query.agent in (None, run.agent)
+            and _has_metadata(run.metadata, metadata)
+            and (before is None or key < before)
+        )
+        return _page("runs", Page([info] if matches else [], None))
     if scope is not None:  # a thread's share lists that thread's runs
-        if thread_id not in (None, scope.id):
-            return Json({"runs": []})
-        thread_id = scope.id
-    runs = await _manager(request).list_runs(
-        status=status, thread_id=thread_id, limit=min(limit, 1000)
+        if query.thread_id not in (None, scope.id):
+            return _page("runs", Page([], None))
+        query = RunQuery(query.status, scope.id, query.agent, metadata)
+    return _page("runs", await _manager(request).list_runs(query, before=before, limit=limit))
+
+
+async def list_threads(request: Request, gate: Gate) -> Response:
+    """``GET /api/threads``: newest first, by cursor; only what the token may read."""
+    gate.server(Action.READ)
+    limit, before, metadata = _listing(request)
+    scope = gate.principal.scope
+    manager = _manager(request)
+    if scope is not None and scope.kind == "run":
+        return _page("threads", Page([], None))  # a run's share reaches no thread
+    if scope is not None:
+        try:
+            thread = await gate.thread(scope.id, Action.READ)
+        except NotFoundError:  # the share's thread was deleted
+            return _page("threads", Page([], None))
+        key = (thread.created_at, thread.thread_id)
+        matches = _has_metadata(thread.metadata, metadata) and (before is None or key < before)
+        return _page("threads", Page([manager.thread_info(thread)] if matches else [], None))
+    return _page(
+        "threads", await manager.list_threads(metadata=metadata, before=before, limit=limit)
     )
-    return Json({"runs": runs})
 
 
 async def get_run(request: Request, gate: Gate) -> Response:
     run = await gate.run(request.path_params["run_id"], Action.READ)
     return Json(run.info())
+
+
+async def patch_run(request: Request, gate: Gate) -> Response:
+    """``PATCH /api/runs/{id}``: title and metadata (a merge patch) → RunInfo."""
+    run = await gate.run(request.path_params["run_id"], Action.CHANGE)
+    body = wire.parse_model(wire.PatchRunBody, await _body(request), "body")
+    run = await _manager(request).patch_run(run, body.patch())
+    return Json(run.info())
+
+
+async def delete_run(request: Request, gate: Gate) -> Response:
+    """``DELETE /api/runs/{id}``: erase an ended run for good (PROTOCOL.md §10)."""
+    run = await gate.run(request.path_params["run_id"], Action.DELETE)
+    await _manager(request).delete_run(run.run_id)
+    return Json({"deleted": True})
 
 
 async def get_snapshot(request: Request, gate: Gate) -> Response:
@@ -270,7 +352,7 @@ async def create_thread(request: Request, gate: Gate) -> Response:
     gate.server(Action.CREATE)
     body = wire.parse_model(wire.CreateThreadBody, await _body(request), "body")
     manager = _manager(request)
-    thread = await manager.create_thread(body.metadata)
+    thread = await manager.create_thread(body.metadata, title=body.title)
     return Json(manager.thread_info(thread), status_code=201)
 
 
@@ -280,8 +362,27 @@ async def get_thread(request: Request, gate: Gate) -> Response:
     return Json(await _manager(request).thread_view(thread, all_turns=all_turns))
 
 
+async def patch_thread(request: Request, gate: Gate) -> Response:
+    """``PATCH /api/threads/{id}``: title and metadata (a merge patch), one revision →
+    ThreadInfo."""
+    thread_id = request.path_params["thread_id"]
+    gate.thread_id(thread_id, Action.CHANGE)
+    body = wire.parse_model(wire.PatchThreadBody, await _body(request), "body")
+    manager = _manager(request)
+    thread = await manager.patch_thread(thread_id, body.patch(), body.expected_revision)
+    return Json(manager.thread_info(thread))
+
+
+async def delete_thread(request: Request, gate: Gate) -> Response:
+    """``DELETE /api/threads/{id}``: erase it with its turns and runs (PROTOCOL.md §10)."""
+    thread_id = request.path_params["thread_id"]
+    gate.thread_id(thread_id, Action.DELETE)
+    await _manager(request).delete_thread(thread_id)
+    return Json({"deleted": True})
+
+
 async def change_thread(request: Request, gate: Gate) -> Response:
-    """POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo} (PROTOCOL.md §6)."""
+    """POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo,aside} (§6)."""
     thread_id = request.path_params["thread_id"]
     action = request.path_params["action"]
     gate.thread_id(thread_id, Action.CHANGE)
@@ -343,13 +444,18 @@ routes = [
     Route("/api/runs", guarded(create_run), methods=["POST"]),
     Route("/api/runs", guarded(list_runs), methods=["GET"]),
     Route("/api/runs/{run_id}", guarded(get_run)),
+    Route("/api/runs/{run_id}", guarded(patch_run), methods=["PATCH"]),
+    Route("/api/runs/{run_id}", guarded(delete_run), methods=["DELETE"]),
     Route("/api/runs/{run_id}/snapshot", guarded(get_snapshot)),
     Route("/api/runs/{run_id}/events", guarded(get_events)),
     Route("/api/runs/{run_id}/stop", guarded(stop_run), methods=["POST"]),
     Route("/api/runs/{run_id}/respond", guarded(respond), methods=["POST"]),
     Route("/api/runs/{run_id}/share", guarded(share_run), methods=["POST"]),
     Route("/api/threads", guarded(create_thread), methods=["POST"]),
+    Route("/api/threads", guarded(list_threads), methods=["GET"]),
     Route("/api/threads/{thread_id}", guarded(get_thread)),
+    Route("/api/threads/{thread_id}", guarded(patch_thread), methods=["PATCH"]),
+    Route("/api/threads/{thread_id}", guarded(delete_thread), methods=["DELETE"]),
     Route("/api/threads/{thread_id}/share", guarded(share_thread), methods=["POST"]),
     Route("/api/threads/{thread_id}/{action}", guarded(change_thread), methods=["POST"]),
     Route("/api/shares/{share_id}", guarded(revoke_share), methods=["DELETE"]),

@@ -28,6 +28,26 @@ def _param(name: str, where: str = "path", type_: str = "string") -> dict[str, A
     return {"name": name, "in": where, "required": where == "path", "schema": {"type": type_}}
 
 
+def _listing(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parameters of a listing: its filters, ``limit``, ``cursor`` and metadata."""
+    metadata = {
+        "name": "metadata.KEY",
+        "in": "query",
+        "required": False,
+        "description": "only items whose metadata KEY is this string; repeatable (all match)",
+        "schema": {"type": "string"},
+    }
+    return [*extra, _param("limit", "query", "integer"), _param("cursor", "query"), metadata]
+
+
+def _delete(what: str, parameter: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": f"Delete a {what} for good (admin)",
+        "parameters": [parameter],
+        "responses": _ok('{"deleted": true}'),
+    }
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     run_id = _param("run_id")
     thread_id = _param("thread_id")
@@ -44,17 +64,24 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": _ok("RunInfo", "201"),
                 },
                 "get": {
-                    "summary": "List runs",
-                    "parameters": [
+                    "summary": "List runs, newest first (a page and its next_cursor)",
+                    "parameters": _listing(
                         _param("status", "query"),
                         _param("thread_id", "query"),
-                        _param("limit", "query", "integer"),
-                    ],
-                    "responses": _ok("runs"),
+                        _param("agent", "query"),
+                    ),
+                    "responses": _ok('{"runs": [RunInfo], "next_cursor"}'),
                 },
             },
             "/api/runs/{run_id}": {
-                "get": {"summary": "RunInfo", "parameters": [run_id], "responses": _ok("RunInfo")}
+                "get": {"summary": "RunInfo", "parameters": [run_id], "responses": _ok("RunInfo")},
+                "patch": {
+                    "summary": "Change a run's title and metadata (a JSON Merge Patch)",
+                    "parameters": [run_id],
+                    "requestBody": _body(wire.PatchRunBody),
+                    "responses": _ok("RunInfo"),
+                },
+                "delete": _delete("run", run_id),
             },
             "/api/runs/{run_id}/snapshot": {
                 "get": {
@@ -91,14 +118,37 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "summary": "Create a thread",
                     "requestBody": _body(wire.CreateThreadBody),
                     "responses": _ok("ThreadInfo", "201"),
-                }
+                },
+                "get": {
+                    "summary": "List threads, newest first (a page and its next_cursor)",
+                    "parameters": _listing(),
+                    "responses": _ok('{"threads": [ThreadInfo], "next_cursor"}'),
+                },
             },
             "/api/threads/{thread_id}": {
                 "get": {
                     "summary": "ThreadInfo with turns",
                     "parameters": [thread_id, _param("all", "query", "boolean")],
                     "responses": _ok("ThreadInfo"),
+                },
+                "patch": {
+                    "summary": "Change a thread's title and metadata (one revision)",
+                    "parameters": [thread_id],
+                    "requestBody": _body(wire.PatchThreadBody),
+                    "responses": _ok("ThreadInfo"),
+                },
+                "delete": _delete("thread with its turns and runs", thread_id),
+            },
+            **{
+                f"/api/threads/{{thread_id}}/{action}": {
+                    "post": {
+                        "summary": f"Thread operation {action} (PROTOCOL.md §6)",
+                        "parameters": [thread_id],
+                        "requestBody": _body(model),
+                        "responses": _ok('{"thread": ThreadInfo, "run": RunInfo | null}'),
+                    }
                 }
+                for action, model in wire.THREAD_BODIES.items()
             },
         },
     }

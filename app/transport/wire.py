@@ -7,6 +7,9 @@ events' own encodings, so an event is serialized once however many clients recei
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -14,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.events import Event, JsonObject, decode, encode
 from app.engine.manager import ThreadChange
+from app.engine.records import RecordPatch
 from app.errors import BadRequestError, MalformedError, PayloadTooLargeError, RuncastError
+from app.store.base import Key
 
 PROTOCOL_VERSION: Final = 1
 MAX_EVENTS_PER_FRAME: Final = 1000
@@ -45,6 +50,7 @@ M = TypeVar("M", bound=BaseModel)
 Id = Annotated[str, Field(min_length=1, max_length=200)]
 Ref = str | int | float | None
 Content = Annotated[str, Field(max_length=1_000_000)]
+Title = Annotated[str, Field(max_length=1_000)]
 Multitask = Literal["reject", "interrupt", "enqueue", "rollback"]
 
 
@@ -77,6 +83,8 @@ class StartOp(_Op):
     thread_id: Id | None = None
     multitask: Multitask = "reject"
     subscribe: bool = True
+    title: Title | None = None
+    metadata: JsonObject | None = None
 
 
 class StopOp(_Op):
@@ -123,6 +131,13 @@ class EditOp(_ThreadOp):
     turn_id: Id
     content: Content
     agent: Id | None = None
+    run: bool = True
+
+
+class AsideOp(_ThreadOp):
+    op: Literal["aside"]
+    content: Content
+    agent: Id | None = None
 
 
 class RegenerateOp(_ThreadOp):
@@ -134,7 +149,7 @@ class UndoOp(_ThreadOp):
     op: Literal["undo"]
 
 
-ThreadOp = SendOp | RewindOp | EditOp | RegenerateOp | UndoOp
+ThreadOp = SendOp | RewindOp | EditOp | RegenerateOp | UndoOp | AsideOp
 
 
 class PingOp(_Op):
@@ -167,6 +182,7 @@ OPS: Final[dict[str, type[_Op]]] = {
     "edit": EditOp,
     "regenerate": RegenerateOp,
     "undo": UndoOp,
+    "aside": AsideOp,
 }
 
 
@@ -178,6 +194,8 @@ class StartRunBody(_Model):
     input: JsonObject = Field(default_factory=dict)
     thread_id: Id | None = None
     multitask: Multitask = "reject"
+    title: Title | None = None
+    metadata: JsonObject | None = None
 
 
 class RespondBody(_Model):
@@ -203,6 +221,12 @@ class EditBody(_ThreadBody):
     turn_id: Id
     content: Content
     agent: Id | None = None
+    run: bool = True
+
+
+class AsideBody(_ThreadBody):
+    content: Content
+    agent: Id | None = None
 
 
 class RegenerateBody(_ThreadBody):
@@ -219,11 +243,27 @@ THREAD_BODIES: Final[dict[str, type[_ThreadBody]]] = {
     "edit": EditBody,
     "regenerate": RegenerateBody,
     "undo": UndoBody,
+    "aside": AsideBody,
 }
 
 
 class CreateThreadBody(_Model):
+    title: Title | None = None
     metadata: JsonObject = Field(default_factory=dict)
+
+
+class PatchRunBody(_Model):
+    """``title`` absent: unchanged, null: cleared. ``metadata``: a JSON Merge Patch."""
+
+    title: Title | None = None
+    metadata: JsonObject | None = None
+
+    def patch(self) -> RecordPatch:
+        return RecordPatch("title" in self.model_fields_set, self.title, self.metadata)
+
+
+class PatchThreadBody(PatchRunBody):
+    expected_revision: Annotated[int, Field(ge=0)] | None = None
 
 
 class ShareBody(_Model):
@@ -308,7 +348,31 @@ def thread_change(kind: str, model: _ThreadOp | _ThreadBody) -> ThreadChange:
         turn_id=getattr(model, "turn_id", None),
         multitask=model.multitask,
         expected_revision=model.expected_revision,
+        run=getattr(model, "run", True),
     )
+
+
+def encode_cursor(key: Key) -> str:
+    """The opaque ``cursor`` of a listing's next page: its key, URL-safe."""
+    return base64.urlsafe_b64encode(encode(list(key)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Key:
+    """Raises: BadRequestError (field ``cursor``) for anything ``encode_cursor`` did not
+    make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, item_id = decode(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise BadRequestError("cursor is not one this server gave", field="cursor") from None
+    if (
+        not isinstance(created_at, int | float)
+        or isinstance(created_at, bool)
+        or not math.isfinite(created_at)
+        or not isinstance(item_id, str)
+    ):
+        raise BadRequestError("cursor is not one this server gave", field="cursor")
+    return float(created_at), item_id
 
 
 # -- server frames ----------------------------------------------------------------------
@@ -358,3 +422,8 @@ def reset_frame(run_id: str, epoch: str) -> str:
 
 def presence_frame(run_id: str, watchers: int) -> str:
     return encode({"type": "presence", "run_id": run_id, "watchers": watchers})
+
+
+def deleted_frame(run_id: str) -> str:
+    """The last frame of a subscription to a run that was deleted (PROTOCOL.md §10)."""
+    return encode({"type": "deleted", "run_id": run_id})

@@ -257,7 +257,12 @@ class Session:
             if op.subscribe:
                 self._check_room(None)  # before the run exists: a refusal starts nothing
             run = await manager.start(
-                op.agent, op.input, thread_id=op.thread_id, multitask=op.multitask
+                op.agent,
+                op.input,
+                thread_id=op.thread_id,
+                multitask=op.multitask,
+                title=op.title,
+                metadata=op.metadata,
             )
             if not op.subscribe:
                 return {"run": run.info()}, None
@@ -360,13 +365,17 @@ class Session:
             self.manager.remove_watcher(run)
 
     async def _pump(self, subscription: _Subscription) -> None:
-        """Send every event after the cursor, exactly once and in order, to the run's end.
+        """Send every event after the cursor, exactly once and in order, to the run's end;
+        or, if the run is deleted first, a ``deleted`` frame as the subscription's last.
 
         Cancellation: safe at any await; the cursor is advanced only after a send.
         """
         run = subscription.run
         try:
             while True:
+                if run.deleted:
+                    await self._send(wire.deleted_frame(run.run_id))
+                    return
                 if (
                     subscription.presence
                     and run.watchers != subscription.sent_watchers
@@ -383,6 +392,8 @@ class Session:
                 if events:
                     await self._send(wire.events_frame(run.run_id, run.epoch, events))
                     subscription.cursor = events[-1].index
+                    continue
+                if run.deleted:
                     continue
                 if run.ended:
                     return
@@ -417,6 +428,8 @@ class Session:
 
             def listener(frame: JsonObject) -> None:
                 outbox.put_nowait(encode(frame))
+                if frame["change"] == "deleted":  # the thread is gone: so is the watch
+                    self._watches.pop(thread_id, None)
 
             self._watches[thread_id] = listener
             self.manager.watch_thread(thread_id, listener)

@@ -145,6 +145,17 @@ def test_turn_to_dict_is_the_wire_shape() -> None:
         ("edit", "a3", {"turn_id": "u2", "content": "new"}, "a3", TurnPlan("a1", "new")),
         ("edit", "a3", {"turn_id": "u1", "content": "new"}, "a3", TurnPlan(None, "new")),
         ("edit", "a3", {"turn_id": "u3", "content": "new"}, "a3", TurnPlan("a2", "new")),
+        # edit with run false: the same sibling, that no run answers (it becomes the head)
+        (
+            "edit",
+            "a3",
+            {"turn_id": "u2", "content": "new", "run": False},
+            "a3",
+            TurnPlan("a1", "new", answered=False),
+        ),
+        # aside: a user turn under the head that a run answers; the head does not move
+        ("aside", "a3", {"content": "why?"}, "a3", TurnPlan(HEAD, "why?", moves_head=False)),
+        ("aside", None, {"content": "why?"}, None, TurnPlan(HEAD, "why?", moves_head=False)),
         # regenerate: a new answer to the user turn of the last assistant turn
         ("regenerate", "a3", {}, "a3", TurnPlan("u3")),
         ("regenerate", "a2c", {}, "a2c", TurnPlan("u2b")),
@@ -161,7 +172,7 @@ def test_turn_to_dict_is_the_wire_shape() -> None:
 def test_plan_operation(
     kind: str,
     head: str | None,
-    fields: dict[str, str | None],
+    fields: dict[str, str | bool | None],
     new_head: str | None,
     plan: TurnPlan | None,
 ) -> None:

@@ -32,7 +32,7 @@ from app.errors import (
     StoreError,
     UnknownAgentError,
 )
-from app.store.base import RunRecord, RunWrite, ThreadRecord
+from app.store.base import RunQuery, RunRecord, RunWrite, ThreadRecord
 from app.store.sqlite import SqliteStore
 from tests.fakes import (
     RecordingStore,
@@ -209,7 +209,7 @@ async def test_one_active_run_per_thread(manager: RunManager, store: RecordingSt
     with pytest.raises(RunInProgressError) as caught:
         await manager.start("counter", {"n": 1}, thread_id=thread_id)
     assert caught.value.details == {"active_run_id": first.run_id}
-    assert [r.run_id for r in await store.list_runs(status=None, thread_id=thread_id, limit=9)] == [
+    assert [r.run_id for r in await store.list_runs(RunQuery(thread_id=thread_id), limit=9)] == [
         first.run_id
     ], "a refused start creates nothing"
     thread = await manager.get_thread(thread_id)
@@ -1053,7 +1053,7 @@ async def test_starting_past_max_live_runs_is_overloaded_and_writes_nothing(
     queued = await manager.start("hold", {}, thread_id=first.thread_id, multitask="enqueue")
     assert manager.live_runs == 2  # a queued run counts
     thread = await manager.get_thread(first.thread_id)
-    stored = await store.list_runs(status=None, thread_id=None, limit=99)
+    stored = await store.list_runs(RunQuery(), limit=99)
 
     with pytest.raises(OverloadedError) as caught:
         await manager.start("counter", {"n": 1})
@@ -1062,7 +1062,7 @@ async def test_starting_past_max_live_runs_is_overloaded_and_writes_nothing(
         await manager.change_thread(
             first.thread_id, ThreadChange("send", agent="echo", content="x", multitask="enqueue")
         )
-    assert await store.list_runs(status=None, thread_id=None, limit=99) == stored
+    assert await store.list_runs(RunQuery(), limit=99) == stored
     assert await manager.get_thread(first.thread_id) == thread
     assert len(manager.runs) == 2
 
@@ -1091,7 +1091,7 @@ async def test_concurrent_starts_cannot_all_pass_the_live_run_limit(
     runs = [r for r in results if isinstance(r, LiveRun)]
     assert len(runs) == 2
     assert all(isinstance(r, OverloadedError) for r in results if r not in runs)
-    assert len(await store.list_runs(status=None, thread_id=None, limit=99)) == 2
+    assert len(await store.list_runs(RunQuery(), limit=99)) == 2
     for run in runs:
         await ended(run)
     assert manager.live_runs == 0
@@ -1167,7 +1167,7 @@ async def test_list_runs(manager: RunManager, store: RecordingStore) -> None:
     assert record is not None and record.status == "queued"
     manager.add_watcher(b)
 
-    everything = await manager.list_runs()
+    everything = (await manager.list_runs()).items
     assert [info["run_id"] for info in everything] == [
         d.run_id,
         b.run_id,
@@ -1180,8 +1180,9 @@ async def test_list_runs(manager: RunManager, store: RecordingStore) -> None:
     assert by_id[b.run_id]["status"] == "running"
     assert by_id["run_cold"]["watchers"] == 0 and by_id["run_cold"]["last_index"] == 3
 
-    async def ids(**filters: Any) -> list[str]:
-        return [info["run_id"] for info in await manager.list_runs(**filters)]
+    async def ids(limit: int = 50, **filters: Any) -> list[str]:
+        page = await manager.list_runs(RunQuery(**filters), limit=limit)
+        return [info["run_id"] for info in page.items]
 
     assert await ids(status="completed") == [c.run_id, a.run_id, "run_cold"]
     assert await ids(thread_id=thread.thread_id) == [b.run_id, a.run_id]

@@ -317,6 +317,8 @@ async def test_info_is_run_info_of_the_protocol() -> None:
         "created_at": 100.0,
         "updated_at": 100.0,
         "watchers": 2,
+        "title": None,
+        "metadata": {},
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from app.core.events import Event
 from app.errors import StoreError
-from app.store.base import RunRecord, RunWrite, ThreadRecord
+from app.store.base import RunQuery, RunRecord, RunWrite, ThreadRecord
 from app.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 pytestmark = pytest.mark.timeout(10)
@@ -184,7 +184,7 @@ async def test_list_runs_filters_orders_and_limits(store: SqliteStore) -> None:
     async def ids(
         status: str | None = None, thread_id: str | None = None, limit: int = 50
     ) -> list[str]:
-        runs = await store.list_runs(status=status, thread_id=thread_id, limit=limit)
+        runs = await store.list_runs(RunQuery(status, thread_id), limit=limit)
         return [r.run_id for r in runs]
 
     assert await ids() == ["run_4", "run_3", "run_2", "run_1"], "newest first"

@@ -315,6 +315,19 @@ def _thread_route(suffix: str, method: str, ok: int, body: Any = None) -> Build:
     return build
 
 
+async def _delete_run(w: World, who: str) -> list[Ask]:
+    """An ended run of its own to delete (admin only), so the world's runs stay."""
+    run = await w.admin("POST", "/api/runs", {"agent": "counter", "input": {"n": 1}}, 201)
+    await w.run_ended(run["run_id"])
+    return [Ask("DELETE", f"/api/runs/{run['run_id']}", "the run", 200)]
+
+
+async def _delete_thread(w: World, who: str) -> list[Ask]:
+    """A thread of its own to delete (admin only)."""
+    thread = await w.admin("POST", "/api/threads", {}, 201)
+    return [Ask("DELETE", f"/api/threads/{thread['thread_id']}", "the thread", 200)]
+
+
 async def _revoke(w: World, who: str) -> list[Ask]:
     if ROLE.get(who, Role.VIEWER) >= Role.OPERATOR:
         kind, target = ("thread", w.thread_id) if who == "thread share" else ("run", w.run_id)
@@ -346,6 +359,11 @@ def http_table() -> dict[tuple[str, str], tuple[Role | None, Build]]:
         ("GET", "/api/runs"): (Role.VIEWER, _server_read("/api/runs")),
         ("POST", "/api/runs"): (Role.OPERATOR, _start),
         ("GET", "/api/runs/{run_id}"): (Role.VIEWER, _run_route("")),
+        ("PATCH", "/api/runs/{run_id}"): (
+            Role.OPERATOR,
+            _run_route("", "PATCH", 200, {"title": "renamed"}),
+        ),
+        ("DELETE", "/api/runs/{run_id}"): (Role.ADMIN, _delete_run),
         ("GET", "/api/runs/{run_id}/snapshot"): (Role.VIEWER, _run_route("/snapshot")),
         ("GET", "/api/runs/{run_id}/events"): (Role.VIEWER, _run_route("/events")),
         ("POST", "/api/runs/{run_id}/stop"): (Role.OPERATOR, _run_route("/stop", "POST", 200)),
@@ -355,7 +373,13 @@ def http_table() -> dict[tuple[str, str], tuple[Role | None, Build]]:
             _run_route("/share", "POST", 201, {}),
         ),
         ("POST", "/api/threads"): (Role.OPERATOR, _threads),
+        ("GET", "/api/threads"): (Role.VIEWER, _server_read("/api/threads")),
         ("GET", "/api/threads/{thread_id}"): (Role.VIEWER, _thread_route("", "GET", 200)),
+        ("PATCH", "/api/threads/{thread_id}"): (
+            Role.OPERATOR,
+            _thread_route("", "PATCH", 200, {"title": "renamed"}),
+        ),
+        ("DELETE", "/api/threads/{thread_id}"): (Role.ADMIN, _delete_thread),
         ("POST", "/api/threads/{thread_id}/share"): (
             Role.OPERATOR,
             _thread_route("/share", "POST", 201, {}),
@@ -564,7 +588,7 @@ async def ws_ops(w: World, op: str, who: str) -> list[Op]:
             fields |= {"turn_id": user_turn, "content": "edited", "agent": "echo"}
         if op == "regenerate":
             fields["agent"] = "echo"
-    elif op == "send":
+    elif op in ("send", "aside"):
         fields |= {"content": "hi", "agent": "echo"}
     elif op == "rewind":
         fields["turn_id"] = None

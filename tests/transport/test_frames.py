@@ -39,6 +39,11 @@ BUILT = [
     ),
     (frames.ResetFrame, wire.reset_frame("run_1", "ep2")),
     (frames.PresenceFrame, wire.presence_frame("run_1", 3)),
+    (frames.DeletedFrame, wire.deleted_frame("run_1")),
+    (
+        frames.ReplyOkFrame,
+        wire.reply_ok("r2", {"run": {**RUN_INFO, "title": "t", "metadata": {"k": "v"}}}),
+    ),
 ]
 
 

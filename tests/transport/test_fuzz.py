@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from app.chaos import Frame, Stats, Tab
+from app.bench.chaos import Frame, Stats, Tab
 from app.transport.app import create_app
 from tests.conftest import Server
 

@@ -22,12 +22,15 @@ RUN_INFO_KEYS = {
     "created_at",
     "updated_at",
     "watchers",
+    "title",
+    "metadata",
 }
 THREAD_INFO_KEYS = {
     "thread_id",
     "revision",
     "head",
     "active_run_id",
+    "title",
     "metadata",
     "created_at",
     "updated_at",

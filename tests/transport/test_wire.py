@@ -149,6 +149,7 @@ def test_every_op_of_the_protocol_is_known() -> None:
         "edit",
         "regenerate",
         "undo",
+        "aside",
     }
 
 
