@@ -1,24 +1,40 @@
-"""Command line: ``runcast serve``. Parses flags into Settings and runs uvicorn; no logic
-of its own beyond the order of shutdown on SIGINT/SIGTERM."""
+"""Command line: ``runcast serve`` and ``runcast db``; ``bench`` and the client commands
+(app/terminal.py) bring their own. Parses flags into Settings and runs uvicorn; no logic
+of its own beyond the order of shutdown on SIGINT/SIGTERM and the checks that refuse a
+start.
+
+Every refusal to start is one line, ``runcast: <what>: <why>``, and at most one
+``hint:`` line, with a non-zero exit status: 2 when what was asked is wrong (a flag, a
+setting, the tokens, an agent module), 1 when the machine refuses (the address, the
+database). Its traceback is printed only with ``--log-level debug``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
+import shlex
 import socket
 import sys
+import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bench, terminal
 from app.access.tokens import parse_server_tokens
-from app.config import Settings
-from app.errors import StoreError
+from app.config import ENV_PREFIX, Settings
+from app.errors import RuncastError, StoreError
 from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
 
@@ -45,11 +61,124 @@ _LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 )
 
 
+DESCRIPTION = """\
+runcast serves long-running agent runs in real time. Start a run, watch its events
+stream over WebSocket, HTTP or Server-Sent Events from as many clients as you like,
+resume after a dropped connection with no gap, stop it or answer it from any of them.
+Runs are kept in a SQLite file and survive a restart.
+"""
+
+EPILOG = """\
+examples:
+  runcast serve                      serve http://127.0.0.1:8000, runs in ./runcast.db
+  runcast serve --agents my_agents   also serve the agents defined in ./my_agents.py
+  runcast db check                   check ./runcast.db
+  runcast bench fanout               measure a server
+
+Run 'runcast COMMAND --help' for a command's flags and examples.
+"""
+
+SERVE_DESCRIPTION = """\
+Serve the WebSocket endpoint /ws, the HTTP API under /api (with Server-Sent Events) and
+the page at /. Every flag is also a RUNCAST_* environment variable; a flag wins. With no
+token the server is open to whoever reaches it, so it listens on loopback only. If it
+cannot start, it says why in one line and exits non-zero (--log-level debug adds the
+traceback).
+"""
+
+SERVE_EPILOG = """\
+examples:
+  runcast serve                                  on 127.0.0.1:8000 with ./runcast.db
+  runcast serve --port 0 --db /tmp/try.db        any free port (printed), another file
+  runcast serve --agents my_agents               also the agents of ./my_agents.py
+  runcast serve --agents ~/agents/support.py     ... or of a file given by its path
+  runcast serve --host 0.0.0.0 --token-file tokens
+                                                 listen on every address, tokens required
+  RUNCAST_FLUSH_INTERVAL=1 runcast serve         a setting from the environment
+"""
+
+DB_DESCRIPTION = "Look after the SQLite file a server keeps its runs and threads in."
+
+DB_EPILOG = """\
+example:
+  runcast db check --db /var/lib/runcast/runcast.db
+"""
+
+CHECK_DESCRIPTION = """\
+Check a database: SQLite's own integrity check, then runcast's: every run's event log
+contiguous, every ended run with its terminal event. Prints each problem; exits 0 when
+there is none, 1 when there are, 2 when the file cannot be read. Safe to run while a
+server uses the file.
+"""
+
+CHECK_EPILOG = """\
+examples:
+  runcast db check                    ./runcast.db
+  RUNCAST_DB=/srv/runs.db runcast db check
+"""
+
+BENCH_DESCRIPTION = """\
+Measure a server: start one as a separate process (or drive --url) and run scenarios
+against it: fanout, latency, start, resume, connections, persist. Every watcher checks
+that it receives every event exactly once and in order; the bench fails otherwise.
+"""
+
+BENCH_EPILOG = """\
+examples:
+  runcast bench fanout --watchers 1,10 --events 5000
+  runcast bench --reference --json bench.json      every scenario, about 4 minutes
+  runcast bench chaos                              faults injected while clients check
+"""
+
+
+class RefusalError(Exception):
+    """Why a command will not start: printed as ``runcast: <message>`` and at most one
+    ``hint:`` line; the process exits with ``status``. The cause, if any, is chained."""
+
+    def __init__(self, message: str, *, hint: str | None = None, status: int = 1) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.status = status
+
+    def lines(self) -> str:
+        return f"runcast: {self}" + (f"\nhint: {self.hint}" if self.hint else "")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a wrong command line refused as runcast refuses the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"runcast: {message}\nhint: see '{self.prog} --help'\n")
+
+
+def _help(description: str, epilog: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "epilog": epilog,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Setting name -> the flag that sets it, for refusals to name what the user typed."""
+    return {
+        action.dest: action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and action.dest in Settings.model_fields
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runcast", description=__doc__)
+    parser = _Parser(prog="runcast", **_help(DESCRIPTION, EPILOG))
     parser.add_argument("--version", action="version", version=f"runcast {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server (flags override RUNCAST_* env)")
+    commands = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="COMMAND"
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="run the server (flags override RUNCAST_* env)",
+        **_help(SERVE_DESCRIPTION, SERVE_EPILOG),
+    )
     serve.add_argument("--host", help="address to listen on (RUNCAST_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port, 0 for any free one (RUNCAST_PORT, 8000)")
     serve.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
@@ -63,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--agents",
         action="append",
         metavar="MODULE",
-        help="import MODULE to register agents; repeatable (RUNCAST_AGENTS, comma-separated)",
+        help="import MODULE to register agents: a module name, found in the current "
+        "directory first, or a .py file's path; repeatable (RUNCAST_AGENTS, comma-separated)",
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (RUNCAST_LOG_LEVEL)")
     serve.add_argument("--static-dir", help="directory served at / (RUNCAST_STATIC_DIR)")
@@ -78,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="events of a run kept in memory; older ones page from disk "
         "(RUNCAST_TAIL_EVENTS, 10000)",
+    )
+    serve.add_argument(
+        "--openai-base-url",
+        metavar="URL",
+        help="OpenAI-compatible endpoint of the openai agent, e.g. http://localhost:11434/v1 "
+        "(RUNCAST_OPENAI_BASE_URL; its key: RUNCAST_OPENAI_API_KEY, never a flag)",
+    )
+    serve.add_argument(
+        "--openai-model", metavar="NAME", help="the openai agent's model (RUNCAST_OPENAI_MODEL)"
     )
     access = serve.add_argument_group("access (without a token the server is open: loopback only)")
     access.add_argument(
@@ -106,13 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     limits = serve.add_argument_group("limits")
     for flag, dest, kind, text in _LIMIT_FLAGS:
         limits.add_argument(flag, dest=dest, type=kind, metavar="N", help=text)
-    db = commands.add_parser("db", help="database maintenance")
-    db_commands = db.add_subparsers(dest="db_command", required=True)
+    serve.set_defaults(setting_flags=_setting_flags(serve))
+    db = commands.add_parser("db", help="database maintenance", **_help(DB_DESCRIPTION, DB_EPILOG))
+    db_commands = db.add_subparsers(
+        dest="db_command", required=True, title="commands", metavar="COMMAND"
+    )
     check = db_commands.add_parser(
-        "check", help="integrity: SQLite's own check, contiguous logs, terminal events"
+        "check",
+        help="integrity: SQLite's own check, contiguous logs, terminal events",
+        **_help(CHECK_DESCRIPTION, CHECK_EPILOG),
     )
     check.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
-    bench_parser = commands.add_parser("bench", help="measure a server (see app/bench/)")
+    check.set_defaults(setting_flags=_setting_flags(check))
+    vacuum = db_commands.add_parser(
+        "vacuum",
+        help="reclaim the space of deleted runs and threads (SQLite VACUUM); "
+        "prints the size before and after",
+    )
+    vacuum.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
+    vacuum.set_defaults(setting_flags=_setting_flags(vacuum))
+    bench_parser = commands.add_parser(
+        "bench",
+        help="measure a server (see app/bench/)",
+        **_help(BENCH_DESCRIPTION, BENCH_EPILOG),
+    )
     bench.add_arguments(bench_parser)
     terminal.add_commands(commands)
     return parser
@@ -133,20 +289,128 @@ class _Server(uvicorn.Server):
             return
         self._loop.call_soon_threadsafe(self.exit_requested.set)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            # uvicorn's answer to a failed lifespan startup, raised inside the serving
+            # task: the server ends without serving, and serve() says why.
+            self.should_exit = True
+
 
 async def serve(settings: Settings) -> None:
-    app = create_app(settings)
+    """Serve until SIGINT or SIGTERM, then shut down in order.
+
+    What can refuse a start is checked before uvicorn starts, in this order: the agent
+    modules, the address, the database.
+
+    Raises:
+        RefusalError: it cannot start; nothing was served.
+    """
+    try:
+        app = create_app(settings)
+    except ImportError as exc:
+        if exc.name not in settings.agents:
+            raise
+        hint = None
+        if isinstance(exc, ModuleNotFoundError) and exc.path is None:  # a name, not a file
+            hint = (
+                "run runcast from the directory that holds the module's file, or give the "
+                "file's path: --agents path/to/module.py"
+            )
+        raise RefusalError(str(exc), hint=hint, status=2) from exc
     runtime: Runtime = app.state.runtime
+    sock = _listen(settings.host, settings.port)
+    try:
+        await _check_store(settings.db)
+        await _serve(app, runtime, sock, settings)
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host``:``port`` (port 0: any free one).
+
+    Raises:
+        RefusalError: the address is in use, not this machine's, or not an address.
+    """
     # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say so, and
     # without it Nagle holds an events frame sent right after a reply for a delayed ACK.
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = None
+        if exc.errno == errno.EADDRINUSE:
+            hint = "stop what listens there, or give another --port (0: any free one)"
+        raise RefusalError(f"cannot listen on {host}:{port}: {exc}", hint=hint) from exc
+    return sock
+
+
+async def _check_store(path: Path) -> None:
+    """Open the database once and close it: a file that cannot be opened or created, or
+    that a newer runcast wrote, refuses the start here, before uvicorn's lifespan would
+    fail on it with a traceback.
+
+    Raises:
+        RefusalError: what is wrong with the file.
+    """
+    _check_database_path(path)
+    store = SqliteStore(path)
+    try:
+        await store.open()
+    except StoreError as exc:  # the message names the file and why (store/sqlite.py)
+        raise RefusalError(str(exc)) from exc
+    finally:
+        # Whatever open() raised: an open connection's thread would keep the process alive.
+        await store.close()
+
+
+def _check_database_path(path: Path) -> None:
+    """Raises: RefusalError, for the two mistakes SQLite would only call "unable to open
+    database file"."""
+    what = f"cannot open database {path}"
+    if path.is_dir():
+        raise RefusalError(f"{what}: it is a directory", hint="give --db a file's path")
+    if not path.parent.is_dir():
+        mkdir = f"mkdir -p {shlex.quote(str(path.parent))}"
+        raise RefusalError(
+            f"{what}: there is no directory {path.parent}",
+            hint=f"create it ({mkdir}), or give --db another path",
+        )
+
+
+def _remember_startup_failure(app: ASGIApp, failures: list[Exception]) -> ASGIApp:
+    """``app``, whose lifespan startup failure is kept in ``failures`` (for serve() to say
+    in one line) rather than sent to uvicorn, which would log its whole traceback."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_quietly(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}
+            await send(message)
+
+        try:
+            await app(scope, receive, send_quietly)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    return wrapped
+
+
+async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
+    failures: list[Exception] = []
     config = uvicorn.Config(
-        app,
+        _remember_startup_failure(app, failures),
         log_level=settings.log_level,
         # A frame a little over the limit is read and answered payload_too_large; a frame
         # twice over closes the connection (1009). Reading pauses while a frame waits for
@@ -171,9 +435,19 @@ async def serve(settings: Settings) -> None:
     ready = asyncio.create_task(runtime.ready.wait(), name="ready")
     await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
-    if runtime.ready.is_set():
-        shown = f"[{host}]" if ":" in host else host
-        print(f"runcast {__version__} listening on http://{shown}:{port}", flush=True)
+    await asyncio.wait({ready})
+    if not runtime.ready.is_set():
+        await serving
+        # What the failed start opened (the database, perhaps the flusher) is closed, or
+        # its thread would keep the process alive; close() is bounded by the grace.
+        await runtime.close()
+        cause = failures[0] if failures else None
+        why = "see the log above" if cause is None else str(cause)
+        if cause is not None and not isinstance(cause, RuncastError):
+            why = f"{type(cause).__name__}: {cause}"
+        raise RefusalError(f"cannot start: {why}") from cause
+    shown = f"[{host}]" if ":" in host else host
+    print(f"runcast {__version__} listening on http://{shown}:{port}", flush=True)
     exit_requested = asyncio.create_task(server.exit_requested.wait(), name="exit signal")
     await asyncio.wait({serving, exit_requested}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():
@@ -238,23 +512,59 @@ def check_database(path: Path) -> int:
     return 0 if not problems else 1
 
 
+def vacuum_database(path: Path) -> int:
+    """``runcast db vacuum``: rebuild the file without its free pages; print the size
+    (with its WAL) before and after. Exit 0 when done, 2 when it could not be."""
+    if not path.exists():
+        print(f"runcast: no database at {path}", file=sys.stderr)
+        return 2
+
+    async def run_vacuum() -> tuple[int, int]:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            return await store.vacuum()
+        finally:
+            await store.close()
+
+    try:
+        before, after = asyncio.run(run_vacuum())
+    except StoreError as exc:
+        print(f"runcast: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: {before:,} bytes before, {after:,} bytes after")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in terminal.COMMANDS:
         return terminal.main(args)
     if args.command == "bench":
         return bench.main(args)
-    if args.command == "db":
-        return check_database(Settings.from_env({"db": args.db}).db)
-    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        return _run(args)
+    except RefusalError as refusal:
+        level = getattr(args, "log_level", None) or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "")
+        if level.lower() == "debug" and refusal.__cause__ is not None:
+            traceback.print_exception(refusal.__cause__, file=sys.stderr)
+        print(refusal.lines(), file=sys.stderr)
+        return refusal.status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``runcast serve`` or ``runcast db check``. Raises: RefusalError."""
+    flags: dict[str, Any] = {
+        name: value for name, value in vars(args).items() if name in Settings.model_fields
+    }
     for name in ("agents", "allow_origins"):
         if flags.get(name):
             flags[name] = tuple(flags[name])
-    try:
-        settings = Settings.from_env(flags)
-    except ValueError as exc:
-        print(f"runcast: invalid settings: {exc}", file=sys.stderr)
-        return 2
+    settings = _settings(flags, args.setting_flags)
+    if args.command == "db":
+        if args.db_command == "vacuum":
+            return vacuum_database(settings.db)
+        return check_database(settings.db)
     refusal = check_access(settings)
     if refusal is not None:
         print(refusal, file=sys.stderr)
@@ -262,12 +572,42 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "serve":
-        try:
-            asyncio.run(serve(settings))
-        except OSError as exc:
-            print(
-                f"runcast: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
-            )
-            return 1
+    asyncio.run(serve(settings))
     return 0
+
+
+def _settings(flags: Mapping[str, Any], setting_flags: Mapping[str, str]) -> Settings:
+    """Settings from ``flags`` and the environment.
+
+    Raises:
+        RefusalError: a value is invalid; the line names the flag or the variable it
+            came from, what is wrong, and the value.
+    """
+    try:
+        return Settings.from_env(flags)
+    except ValidationError as exc:
+        problems = [_problem(error, flags, setting_flags) for error in exc.errors()]
+        if len(problems) == 1:
+            raise RefusalError(f"invalid setting {problems[0]}", status=2) from None
+        raise RefusalError(f"invalid settings: {'; '.join(problems)}", status=2) from None
+
+
+def _problem(
+    error: ErrorDetails, flags: Mapping[str, Any], setting_flags: Mapping[str, str]
+) -> str:
+    """``--flag: what is wrong (got VALUE)`` for one error of a Settings model."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    return f"{_source(name, flags, setting_flags)}: {message} (got {error['input']!r})"
+
+
+def _source(name: str, flags: Mapping[str, Any], setting_flags: Mapping[str, str]) -> str:
+    """Where setting ``name`` came from: its flag, else its variable (as
+    ``Settings.from_env`` reads them), else its name."""
+    if flags.get(name) is not None and name in setting_flags:
+        return setting_flags[name]
+    variables = [f"{ENV_PREFIX}{name.upper()}"]
+    if name.endswith("_s"):
+        variables.append(f"{ENV_PREFIX}{name.removesuffix('_s').upper()}")
+    return next((variable for variable in variables if variable in os.environ), name)

@@ -1,8 +1,10 @@
 """``runcast serve`` as a process: its address line, its settings from flags and
-``RUNCAST_*`` variables (flags win), agent modules, and refusals to start.
+``RUNCAST_*`` variables (flags win), agent modules, its help, and refusals to start.
 
 Servers that start are run with the ``spawn`` fixture; commands expected to refuse are
-run with ``subprocess.run`` under a timeout.
+run with ``subprocess.run`` under a timeout, and each refusal is checked whole: one
+``runcast: <what>: <why>`` line, at most one ``hint:`` line, the exit status, and no
+traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from app import __version__
+from app.cli import main
+from app.store.sqlite import SCHEMA_VERSION
 from tests.conftest import Spawned
 
 TERMINAL = {"completed", "failed", "stopped", "interrupted"}
@@ -55,17 +59,37 @@ def register(registry):
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 20.0
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout_s: float = 20.0,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m app`` to its end (for commands that must refuse to start)."""
+    """Run ``python -P -m app`` to its end (for commands that must refuse to start).
+
+    ``-P``: the current directory is not put on ``sys.path``, as with the ``runcast``
+    console script, so that finding an agent module there is runcast's own doing.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "app", *args],
+        [sys.executable, "-P", "-m", "app", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        cwd=cwd,
         check=False,
     )
+
+
+def refusal(result: subprocess.CompletedProcess[str], status: int) -> list[str]:
+    """The lines of a refusal to start, checked for its shape: one ``runcast: `` line
+    and at most one ``hint: `` line on stderr, ``status``, no traceback, nothing served."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "listening" not in result.stdout
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("runcast: "), result.stderr
+    assert len(lines) == 1 or lines[1].startswith("hint: "), result.stderr
+    return lines
 
 
 def agent_modules(tmp_path: Path) -> dict[str, str]:
@@ -227,40 +251,294 @@ async def test_agents_flag_wins_over_runcast_agents(spawn: Any, tmp_path: Path) 
     assert "shout" in names and "reverse" not in names
 
 
-def test_unknown_agents_module_refuses_to_start(tmp_path: Path) -> None:
-    result = run_cli(
-        "serve", "--port", "0", "--db", str(tmp_path / "x.db"), "--agents", "no_such_agents_mod"
-    )
-    assert result.returncode != 0
-    assert "listening" not in result.stdout
-    assert "no_such_agents_mod" in result.stderr
-
-
 # -- refusals ---------------------------------------------------------------------------
+
+NOT_FOUND_HINT = (
+    "hint: run runcast from the directory that holds the module's file, or give the "
+    "file's path: --agents path/to/module.py"
+)
+
+# name -> (files written in the current directory, --agents, the refusal's lines), run
+# from that directory with no PYTHONPATH: the module is found there, or not at all.
+AGENT_REFUSALS: dict[str, tuple[dict[str, str], str, list[str]]] = {
+    "missing-module": (
+        {},
+        "no_such_agents_mod",
+        [
+            "runcast: cannot load agent module no_such_agents_mod: no module named "
+            "'no_such_agents_mod' in {cwd} or on the Python path",
+            NOT_FOUND_HINT,
+        ],
+    ),
+    "missing-file": (
+        {},
+        "./no_such_agents.py",
+        ["runcast: cannot load agent module ./no_such_agents.py: no such file"],
+    ),
+    "raises-on-import": (
+        {"broken_agents.py": "from app.agents import register\n\nsettings = {}\nsettings['x']\n"},
+        "broken_agents",
+        [
+            "runcast: cannot load agent module broken_agents: broken_agents.py, line 4: "
+            "KeyError: 'x'"
+        ],
+    ),
+    "raises-on-import-by-path": (
+        {"broken_agents.py": "import os\n\nos.environ['RUNCAST_NO_SUCH_VARIABLE']\n"},
+        "./broken_agents.py",
+        [
+            "runcast: cannot load agent module ./broken_agents.py: broken_agents.py, line 3: "
+            "KeyError: 'RUNCAST_NO_SUCH_VARIABLE'"
+        ],
+    ),
+    "imports-a-missing-package": (
+        {"needy_agents.py": "import json\nimport no_such_package_xyz\n"},
+        "needy_agents",
+        [
+            "runcast: cannot load agent module needy_agents: needy_agents.py, line 2: "
+            "ModuleNotFoundError: No module named 'no_such_package_xyz'"
+        ],
+    ),
+    "syntax-error": (
+        {"typo_agents.py": "from app.agents import register\n\n\nasync def f(ctx:\n"},
+        "typo_agents",
+        [
+            "runcast: cannot load agent module typo_agents: typo_agents.py, line 4: "
+            "SyntaxError: '(' was never closed"
+        ],
+    ),
+    "plain-def-agent": (
+        {
+            "plain_agents.py": "from app.agents import register\n\n\n"
+            "@register('plain')\ndef plain(ctx):\n    pass\n"
+        },
+        "plain_agents",
+        [
+            "runcast: cannot load agent module plain_agents: plain_agents.py, line 4: "
+            "TypeError: agent 'plain' must be an async function (async def)"
+        ],
+    ),
+    "register-raises": (
+        {"reg_agents.py": "def register(registry):\n    registry.add('x', None)\n"},
+        "reg_agents",
+        [
+            "runcast: cannot load agent module reg_agents: reg_agents.py, line 2: "
+            "TypeError: agent 'x' must be an async function (async def)"
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(AGENT_REFUSALS))
+def test_an_agent_module_that_is_missing_or_broken_refuses_in_one_line(
+    tmp_path: Path, case: str
+) -> None:
+    files, agents, expected = AGENT_REFUSALS[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    env = {"PYTHONPATH": ""}
+    result = run_cli("serve", "--port", "0", "--agents", agents, env=env, cwd=tmp_path)
+    assert refusal(result, 2) == [line.format(cwd=tmp_path) for line in expected]
+    assert not (tmp_path / "runcast.db").exists()  # refused before the database
+
+
+def test_a_module_in_the_current_directory_is_found_before_the_python_path(
+    tmp_path: Path,
+) -> None:
+    """A module name is looked up in the current directory before PYTHONPATH (as
+    uvicorn's ``--app-dir .``); both files raise, so the refusal says which one loaded."""
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "cwd_first_agents.py").write_text("raise RuntimeError('path')\n")
+    (tmp_path / "cwd_first_agents.py").write_text("raise RuntimeError('cwd')\n")
+    env = {"PYTHONPATH": str(tmp_path / "shadow")}
+    result = run_cli("serve", "--port", "0", "--agents", "cwd_first_agents", env=env, cwd=tmp_path)
+    [line] = refusal(result, 2)
+    assert line.endswith("cwd_first_agents.py, line 1: RuntimeError: cwd")
+
+
+def test_debug_adds_the_traceback_before_the_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_agents.py").write_text("x = 1 / 0\n")
+    args = ("serve", "--port", "0", "--agents", "broken_agents", "--log-level", "debug")
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "runcast: cannot load agent module broken_agents: broken_agents.py, line 1: "
+        "ZeroDivisionError: division by zero"
+    )
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "named"),
+    ("args", "env", "expected"),
     [
-        (["--flush-interval", "-1"], {}, "flush_interval"),
-        (["--flush-interval", "soon"], {}, "--flush-interval"),
-        ([], {"RUNCAST_FLUSH_INTERVAL": "0"}, "flush_interval"),
-        (["--port", "70000"], {}, "port"),
-        ([], {"RUNCAST_PORT": "eighty"}, "port"),
-        (["--log-level", "loud"], {}, "log_level"),
+        (
+            ["--flush-interval", "-1"],
+            {},
+            "runcast: invalid setting --flush-interval: input should be greater than 0 (got -1.0)",
+        ),
+        (
+            ["--flush-interval", "soon"],
+            {},
+            "runcast: argument --flush-interval: invalid float value: 'soon'",
+        ),
+        (
+            [],
+            {"RUNCAST_FLUSH_INTERVAL": "0"},
+            "runcast: invalid setting RUNCAST_FLUSH_INTERVAL: input should be greater than 0 "
+            "(got '0')",
+        ),
+        (
+            ["--port", "70000"],
+            {},
+            "runcast: invalid setting --port: input should be less than or equal to 65535 "
+            "(got 70000)",
+        ),
+        (
+            [],
+            {"RUNCAST_PORT": "eighty"},
+            "runcast: invalid setting RUNCAST_PORT: input should be a valid integer, unable "
+            "to parse string as an integer (got 'eighty')",
+        ),
+        (
+            ["--log-level", "loud"],
+            {},
+            "runcast: invalid setting --log-level: log_level must be one of critical, error, "
+            "warning, info, debug (got 'loud')",
+        ),
+        (
+            ["--port", "70000", "--linger", "-1"],
+            {},
+            "runcast: invalid settings: --port: input should be less than or equal to 65535 "
+            "(got 70000); --linger: input should be greater than or equal to 0 (got -1.0)",
+        ),
     ],
-    ids=["flag-negative", "flag-not-a-number", "env-zero", "port-range", "env-port", "log-level"],
+    ids=[
+        "flag-negative",
+        "flag-not-a-number",
+        "env-zero",
+        "port-range",
+        "env-port",
+        "log-level",
+        "two-at-once",
+    ],
 )
-def test_invalid_setting_exits_nonzero_with_a_message(
-    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+def test_invalid_setting_refuses_in_one_line_naming_the_flag_or_variable(
+    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
 ) -> None:
     db = tmp_path / "never.db"
     result = run_cli("serve", "--db", str(db), *args, env=env)
-    assert result.returncode != 0
-    assert named in result.stderr
-    assert "Traceback" not in result.stderr  # a message for people, not a crash
-    assert "listening" not in result.stdout
+    lines = refusal(result, 2)
+    assert lines[0] == expected
+    if "argument" in expected:  # argparse's own refusals point at the help
+        assert lines[1:] == ["hint: see 'runcast serve --help'"]
     assert not db.exists()  # refused before touching anything
+
+
+def test_a_database_in_a_missing_directory_refuses_with_a_hint(tmp_path: Path) -> None:
+    db = tmp_path / "no" / "such" / "dir" / "x.db"
+    result = run_cli("serve", "--port", "0", "--db", str(db))
+    assert refusal(result, 1) == [
+        f"runcast: cannot open database {db}: there is no directory {db.parent}",
+        f"hint: create it (mkdir -p {db.parent}), or give --db another path",
+    ]
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("kind", ["directory", "not-a-database"])
+def test_a_database_path_that_cannot_be_opened_refuses(tmp_path: Path, kind: str) -> None:
+    db = tmp_path / "runs.db"
+    if kind == "directory":
+        db.mkdir()
+        expected = [f"runcast: cannot open database {db}: it is a directory"]
+        expected.append("hint: give --db a file's path")
+    else:
+        db.write_bytes(b"these are not the runs you are looking for" * 100)
+        expected = [f"runcast: cannot open database {db}: file is not a database"]
+    result = run_cli("serve", "--port", "0", "--db", str(db))
+    assert refusal(result, 1) == expected
+
+
+def test_a_port_in_use_refuses_with_a_hint(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), "--db", str(tmp_path / "x.db"))
+    assert refusal(result, 1) == [
+        f"runcast: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use",
+        "hint: stop what listens there, or give another --port (0: any free one)",
+    ]
+    assert not (tmp_path / "x.db").exists()  # the address is checked before the database
+
+
+@pytest.mark.parametrize(
+    ("args", "tokens", "expected"),
+    [
+        (
+            ["--host", "0.0.0.0"],
+            None,
+            [
+                "runcast: refusing to listen on 0.0.0.0 with no token: anyone who reaches it "
+                "could start, read and stop runs",
+                "hint: give --token-file FILE or RUNCAST_TOKENS=ROLE:SECRET, or add --insecure",
+            ],
+        ),
+        (
+            ["--token-file", "{tmp}/no-such-tokens"],
+            None,
+            ["runcast: cannot read the token file {tmp}/no-such-tokens: No such file or directory"],
+        ),
+        (
+            ["--token-file", "{tmp}/tokens"],
+            "overlord 0123456789abcdef0123\n",
+            ["runcast: invalid tokens: "],
+        ),
+    ],
+    ids=["public-without-token", "no-token-file", "bad-token-file"],
+)
+def test_access_refusals_are_one_line(
+    tmp_path: Path, args: list[str], tokens: str | None, expected: list[str]
+) -> None:
+    if tokens is not None:
+        (tmp_path / "tokens").write_text(tokens)
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = run_cli("serve", "--port", "0", "--db", str(tmp_path / "x.db"), *args)
+    lines = refusal(result, 2)
+    assert len(lines) == len(expected)
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start.format(tmp=tmp_path)), line
+
+
+def test_a_failed_start_after_the_checks_is_one_line_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A file of this schema version with its tables missing passes the store check and
+    fails the recovery in uvicorn's lifespan: said in one last line, and the process
+    ends (the database's thread closed)."""
+    db = tmp_path / "gutted.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executescript(
+            f"""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
+            """
+        )
+    result = run_cli("serve", "--port", "0", "--db", str(db))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("runcast: cannot start: ") and "no such table" in last, last
+
+
+def test_db_check_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
+    result = run_cli("db", "check", "--db", str(tmp_path / "x.db"), env={"RUNCAST_PORT": "x"})
+    [line] = refusal(result, 2)
+    assert line.startswith("runcast: invalid setting RUNCAST_PORT: ")
+
+
+def test_db_check_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("db", "check", "--db", str(tmp_path / "x.db"))
+    assert refusal(result, 2) == [f"runcast: no database at {tmp_path / 'x.db'}"]
 
 
 def test_newer_schema_refuses_to_start_and_leaves_the_file_alone(tmp_path: Path) -> None:
@@ -276,11 +554,13 @@ def test_newer_schema_refuses_to_start_and_leaves_the_file_alone(tmp_path: Path)
         )
     before = sqlite_schema(db)
     result = run_cli("serve", "--port", "0", "--db", str(db))
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "listening" not in output
-    assert "schema version 999" in output and "newer" in output
+    assert refusal(result, 1) == [
+        f"runcast: database {db} has schema version 999, newer than this runcast "
+        f"understands ({SCHEMA_VERSION}); upgrade runcast"
+    ]
     assert sqlite_schema(db) == before
+    result = run_cli("db", "check", "--db", str(db))
+    assert refusal(result, 2)[0].startswith(f"runcast: database {db} has schema version 999")
 
 
 def sqlite_schema(db: Path) -> list[tuple[Any, ...]]:
@@ -288,3 +568,30 @@ def sqlite_schema(db: Path) -> list[tuple[Any, ...]]:
         schema = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
         schema += conn.execute("SELECT key, value, '' FROM meta ORDER BY key").fetchall()
     return schema
+
+
+# -- help -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["db"], ["db", "check"], ["bench"]], ids=" ".join
+)
+def test_help_says_what_a_user_can_do_with_an_example(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^examples?:\n  ", text, re.MULTILINE), text
+    example = " ".join(["runcast", *command])
+    assert re.search(rf"^ +(RUNCAST_\S+ )?{example}\b", text, re.MULTILINE), text
+    # A description for users, not the module's docstring for developers.
+    assert "Parses flags" not in text and "``" not in text
+
+
+def test_a_missing_command_refuses_with_a_pointer_to_the_help() -> None:
+    assert refusal(run_cli(), 2) == [
+        "runcast: the following arguments are required: COMMAND",
+        "hint: see 'runcast --help'",
+    ]
