@@ -60,7 +60,7 @@ export function tokenGrant(token) {
 }
 
 const RANK = { viewer: 1, operator: 2, admin: 3 };
-const NEEDS = { read: 1, start: 2, stop: 2, respond: 2, change: 2, create: 2, share: 2, delete: 3 };
+const NEEDS = { read: 1, start: 2, stop: 2, respond: 2, change: 2, rename: 2, create: 2, share: 2, delete: 3 };
 
 /** May a token with `role` do `action`? An unknown role may try anything. */
 export function roleAllows(role, action) {

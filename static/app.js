@@ -1,6 +1,6 @@
 // The runcast page: the shell (connection state, access token, start form, recent runs),
-// the router (#/, #/runs/{run_id}, #/threads/{thread_id}) and the glue between views and
-// the client.
+// the router (#/, #/runs/{run_id}, #/threads, #/threads/{thread_id}) and the glue between
+// views and the client.
 //
 // On load the page reads GET /api/health. A server in token mode (PROTOCOL.md §8) gets
 // the token of a share link (#/runs/{id}?token=..., taken out of the address bar at
@@ -12,6 +12,7 @@ import { RuncastClient } from "./runcast.js";
 import { checkToken, roleAllows, storedToken, storeToken, takeLinkToken, tokenGrant } from "./access.js";
 import { RunRegistry } from "./model.js";
 import { mountRunView } from "./run-view.js";
+import { mountThreadList } from "./thread-list.js";
 import { mountThreadView } from "./thread-view.js";
 import { errorText, h, schemaForm, shortId, statusBadge, timeAgo } from "./ui.js";
 
@@ -32,6 +33,7 @@ const app = {
   auth: null, // "open" | "token", from GET /api/health (null until it answered)
   role: null, // the token's role when the page knows it ("viewer", ...), else null
   scope: null, // what a share token reaches ({kind, id}); null: everything its role allows
+  flash: null, // a result for the next view to announce (e.g. "Deleted ..." after leaving a view)
   _threadListeners: new Set(),
 
   /** May this page's token `action` ("stop", "share", ...)? Unknown roles may try. */
@@ -49,6 +51,26 @@ const app = {
 
   revokeShare(shareId) {
     return client.api(`/api/shares/${shareId}`, { method: "DELETE" });
+  },
+
+  /** Rename a run (PATCH, PROTOCOL.md §5): its RunInfo, also noted where the page shows it. */
+  async renameRun(runId, title) {
+    const info = await client.updateRun(runId, { title });
+    runs.models.get(runId)?.model.updateInfo(info);
+    noteRun(info);
+    return info;
+  },
+
+  /** Delete a run for good (admin); every view of it here says so. */
+  async deleteRun(runId) {
+    await client.deleteRun(runId);
+    forgetRun(runId);
+  },
+
+  /** Delete a thread, its turns and its runs for good (admin). */
+  async deleteThread(threadId) {
+    await client.deleteThread(threadId);
+    forgetThread(threadId);
   },
 
   navigate(hash) {
@@ -84,6 +106,7 @@ const app = {
       onChange: (frame) => {
         if (frame.run) noteRun(frame.run);
         for (const fn of app._threadListeners) fn(frame);
+        if (frame.change === "deleted") forgetThread(frame.thread_id);
       },
       onWatch: (thread) => {
         for (const fn of app._threadListeners) fn({ type: "watch", thread_id: thread.thread_id, thread });
@@ -150,6 +173,9 @@ client.on("state", ({ state, retryAt, attempt }) => {
     });
   }
 });
+
+// A run this tab subscribed to was deleted (PROTOCOL.md §10).
+client.on("deleted", (frame) => forgetRun(frame.run_id));
 
 client.on("welcome", (frame) => {
   if (typeof frame.role === "string" && frame.role !== app.role) {
@@ -293,8 +319,27 @@ const recent = new Map(); // run_id -> RunInfo
 
 function noteRun(info) {
   const known = recent.get(info.run_id);
-  if (known && known.status === info.status && known.updated_at >= info.updated_at) return;
+  const sameTitle = info.title === undefined || known?.title === info.title;
+  if (known && known.status === info.status && known.updated_at >= info.updated_at && sameTitle) return;
   recent.set(info.run_id, { ...known, ...info });
+  renderRecent();
+}
+
+function forgetRun(runId) {
+  runs.markDeleted(runId);
+  if (recent.delete(runId)) renderRecent();
+}
+
+function forgetThread(threadId) {
+  runs.markThreadDeleted(threadId);
+  for (const info of [...recent.values()]) if (info.thread_id === threadId) recent.delete(info.run_id);
+  if (app.threadId === threadId) {
+    app._watch?.close();
+    app._watch = null;
+    app.threadId = null;
+    renderThreadBox();
+    renderStartThreadChoice();
+  }
   renderRecent();
 }
 
@@ -324,6 +369,7 @@ function renderRecent() {
           "a",
           { href: `#/runs/${info.run_id}`, "aria-current": info.run_id === current ? "page" : null },
           statusBadge(info.status),
+          info.title ? h("span", { class: "run-name", dataset: { testid: "recent-title" } }, info.title) : null,
           h("span", { class: "agent" }, info.agent),
           h("code", {}, shortId(info.run_id)),
           h("time", { class: "hint" }, timeAgo(info.created_at)),
@@ -364,6 +410,7 @@ const inputSlot = document.getElementById("agent-input");
 const threadChoice = document.getElementById("thread-choice");
 const startError = document.getElementById("start-error");
 const startButton = document.getElementById("start");
+const startTitle = document.getElementById("new-run-title");
 let inputForm = null;
 
 async function loadAgents() {
@@ -432,6 +479,8 @@ startForm.addEventListener("submit", async (e) => {
     return;
   }
   const options = {};
+  const title = startTitle.value.trim();
+  if (title) options.title = title;
   if (threadChoice.querySelector("input[name=thread]:checked")?.value === "current") {
     options.threadId = app.threadId;
     options.multitask = threadChoice.querySelector("select[name=multitask]").value;
@@ -440,6 +489,7 @@ startForm.addEventListener("submit", async (e) => {
   try {
     const { run } = await runs.start(agentSelect.value, read.value, options);
     noteRun(run);
+    startTitle.value = "";
     app.navigate(`#/runs/${run.run_id}`);
   } catch (err) {
     startError.textContent =
@@ -472,9 +522,12 @@ function route() {
   if ((m = hash.match(/^#\/runs\/([\w-]+)\/?$/))) {
     document.body.dataset.route = "run";
     unmount = mountRunView(main, app, m[1]);
-  } else if ((m = hash.match(/^#\/threads(?:\/([\w-]+))?\/?$/))) {
+  } else if (/^#\/threads\/?$/.test(hash)) {
+    document.body.dataset.route = "threads";
+    unmount = mountThreadList(main, app);
+  } else if ((m = hash.match(/^#\/threads\/([\w-]+)\/?$/))) {
     document.body.dataset.route = "thread";
-    unmount = mountThreadView(main, app, m[1] || null);
+    unmount = mountThreadView(main, app, m[1]);
   } else {
     document.title = "runcast";
     main.replaceChildren(

@@ -13,6 +13,7 @@ export class RunModel {
     this.events = []; // every event held, in index order (i = 1..n, or from a snapshot on)
     this.watchers = null;
     this.error = null; // the subscription was refused (e.g. not_found)
+    this.deleted = false; // the run was erased (PROTOCOL.md §10)
     this.generation = 0; // bumped on reset: views rebuild what they derived from events
     this.subscription = null;
     this._listeners = new Set();
@@ -82,7 +83,22 @@ export class RunModel {
         this.error = err;
         this._changed();
       },
+      onDeleted: () => this.markDeleted(),
     };
+  }
+
+  /** The run is gone for good: what the views show of it says so. */
+  markDeleted() {
+    if (this.deleted) return;
+    this.deleted = true;
+    this.watchers = null;
+    this._changed();
+  }
+
+  /** New RunInfo fields (a rename, say) merged into what the model holds. */
+  updateInfo(info) {
+    this.info = { ...this.info, ...info };
+    this._changed();
   }
 
   async _backfill(upTo, generation) {
@@ -138,6 +154,16 @@ export class RunRegistry {
     model.subscription = subscription;
     this.models.set(run.run_id, { model, refs: 0 });
     return { run, model };
+  }
+
+  /** A run was deleted (here, in another tab, or with its thread). */
+  markDeleted(runId) {
+    this.models.get(runId)?.model.markDeleted();
+  }
+
+  /** A thread was deleted: so were its runs. */
+  markThreadDeleted(threadId) {
+    for (const { model } of this.models.values()) if (model.info?.thread_id === threadId) model.markDeleted();
   }
 
   /** Unsubscribe from runs that no view holds. */

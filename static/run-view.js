@@ -1,9 +1,11 @@
 // The run view (#/runs/{run_id}): the message streaming live, status, watchers, usage,
 // Stop, the input form of a run in requires_action, a read-only share link (token mode),
 // and the replay panel: the raw event log with indexes and a time-travel slider over the
-// snapshot endpoint. A read-only token sees the run without Stop, answer or Share.
+// snapshot endpoint. The title is renamed in place (operator and above); an admin may
+// delete an ended run, after a confirmation. A read-only token sees the run without Stop,
+// answer, Share or Rename. A deleted run's view says so (PROTOCOL.md §10).
 
-import { eyeIcon, h, json, MessageView, schemaForm, shortId, statusBadge, errorText, timeAgo } from "./ui.js";
+import { confirmDialog, eyeIcon, h, json, MessageView, schemaForm, shortId, statusBadge, errorText, timeAgo, titleEditor } from "./ui.js";
 import { initialState, TERMINAL_STATUSES } from "./runcast.js";
 
 const MAX_ROWS = 500; // the inspector shows the latest rows; the slider reaches them all
@@ -16,7 +18,17 @@ export function mountRunView(root, app, runId) {
   const { client } = app;
 
   // -- header ----------------------------------------------------------------------------
-  const title = h("h1", { id: "run-title", tabindex: "-1" }, "Run");
+  const title = h("h1", { id: "run-title", tabindex: "-1", dataset: { testid: "run-title" } }, "Run");
+  const titling = titleEditor({
+    display: title,
+    value: null,
+    canEdit: app.can("rename"),
+    label: "Run title",
+    placeholder: "Untitled run",
+    name: () => "this run",
+    announce: (text) => (notice.textContent = text),
+    save: (value) => app.renameRun(runId, value),
+  });
   const badge = h("span", { dataset: { testid: "run-status" }, class: "badge status-queued" }, "queued");
   const watchers = h("span", { class: "watchers", dataset: { testid: "watchers" }, title: "tabs watching this run" });
   const usage = h("span", { class: "usage", dataset: { testid: "usage" } });
@@ -35,6 +47,18 @@ export function mountRunView(root, app, runId) {
       hidden: !(app.auth === "token" && app.can("share")),
     },
     "Share read-only link",
+  );
+  const remove = h(
+    "button",
+    {
+      type: "button",
+      class: "danger",
+      dataset: { testid: "delete-run" },
+      title: "erase this run for good (an ended run only)",
+      onclick: onDelete,
+      hidden: !app.can("delete"),
+    },
+    "Delete",
   );
   const sharePanel = h("div", { class: "share-panel", dataset: { testid: "share-panel" }, hidden: true });
   const threadLink = h("a", { class: "thread-link" });
@@ -106,8 +130,8 @@ export function mountRunView(root, app, runId) {
     h(
       "header",
       { class: "run-head" },
-      h("div", { class: "run-title" }, title, badge),
-      h("div", { class: "run-stats" }, watchers, usage, readOnly, shareButton, stop),
+      h("div", { class: "run-title" }, titling.element, badge),
+      h("div", { class: "run-stats" }, watchers, usage, readOnly, shareButton, stop, remove),
     ),
     meta,
     notice,
@@ -134,6 +158,20 @@ export function mountRunView(root, app, runId) {
   let firstTs = null;
 
   function render() {
+    if (model.deleted) {
+      if (view.dataset.deleted) return;
+      view.dataset.deleted = "true";
+      document.title = "run deleted · runcast";
+      const heading = h("h1", { tabindex: "-1" }, "Run deleted");
+      const hadFocus = view.contains(document.activeElement);
+      view.replaceChildren(
+        heading,
+        h("p", { class: "run-error", role: "alert", dataset: { testid: "run-deleted" } }, `Run ${runId} was deleted: its events are gone for good.`),
+        h("p", {}, h("a", { href: "#/" }, "Back to the start page")),
+      );
+      if (hadFocus || document.activeElement === document.body) heading.focus();
+      return;
+    }
     if (model.error) {
       const forbidden = model.error.code === "forbidden";
       title.textContent = forbidden ? "Run not available" : "Run not found";
@@ -154,7 +192,8 @@ export function mountRunView(root, app, runId) {
     }
     const { state, info } = model;
     if (info) {
-      title.textContent = info.agent;
+      title.textContent = info.title || info.agent;
+      titling.set(info.title);
       threadLink.textContent = `thread ${shortId(info.thread_id)}`;
       threadLink.href = `#/threads/${info.thread_id}`;
       meta.querySelector(".created").textContent = `started ${timeAgo(info.created_at)}`;
@@ -171,6 +210,7 @@ export function mountRunView(root, app, runId) {
     const parts = Object.entries(state.usage).map(([k, v]) => `${k.replace(/_tokens$/, "").replace(/_/g, " ")} ${v}`);
     usage.textContent = parts.length ? `tokens: ${parts.join(" · ")}` : "";
     stop.disabled = ended || !info;
+    remove.disabled = !ended || !info;
     if (ended && stop.textContent !== "Stop") stop.textContent = "Stop";
     message.update(state);
     ending.textContent = endingText(model);
@@ -406,6 +446,25 @@ export function mountRunView(root, app, runId) {
     );
     sharePanel.hidden = false;
     input.focus();
+  }
+
+  async function onDelete() {
+    const name = model.info?.title ? `“${model.info.title}”` : `This ${model.info?.agent ?? ""} run`.replace("  ", " ");
+    const confirmed = await confirmDialog({
+      title: "Delete this run?",
+      body: `${name} and its events will be erased for good. This cannot be undone.`,
+      confirmLabel: "Delete for good",
+    });
+    if (!confirmed) return;
+    remove.disabled = true;
+    try {
+      await app.deleteRun(runId); // the model is marked deleted: render() says so
+    } catch (err) {
+      remove.disabled = false;
+      notice.textContent =
+        err.code === "run_in_progress" ? "The run is still live: stop it first, then delete." : `Could not delete: ${errorText(err)}`;
+      remove.focus();
+    }
   }
 
   async function onStop() {

@@ -50,6 +50,8 @@
  *     "welcome"  the server's welcome frame (after every (re)connect)
  *     "frame"    every parsed server frame (for inspectors and debugging)
  *     "thread"   every `thread` frame (also delivered to the watch's own callback)
+ *     "deleted"  every `deleted` frame {type, run_id}: a run this connection subscribed
+ *                to was erased (PROTOCOL.md §10); also delivered to its subscription
  *     "auth"     { code: "unauthorized" | "forbidden", message, closeCode?, status? }:
  *                the server refused this client's token (see Access)
  *   client.connect()    connect now (also: retry now while "reconnecting" or
@@ -94,17 +96,33 @@
  *                                   (`code`, `message`, `details`). While not connected
  *                                   it rejects at once with code "disconnected".
  *   client.start(agent, input, options?) -> { run, subscription }
- *       options: threadId, multitask, subscribe (default true), and the subscription
- *       callbacks below (used when subscribe is true).
+ *       options: threadId, multitask, title, metadata, subscribe (default true), and the
+ *       subscription callbacks below (used when subscribe is true).
  *   client.stop(runId)                     -> { stopping, status }
  *   client.respond(runId, requestId, value)-> {}
  *   client.ping()                          -> { t }
  *   client.threadOp(op, threadId, fields?) -> { thread, run } for the thread ops of
  *       PROTOCOL.md §6: "send" {content, agent?, multitask?, expected_revision?},
- *       "rewind" {turn_id}, "edit" {turn_id, content}, "regenerate", "undo".
+ *       "rewind" {turn_id}, "edit" {turn_id, content, run?} (`run: false` saves the edit
+ *       and starts nothing; `run` is then null), "regenerate", "undo", "aside"
+ *       {content, agent?} (a side run on its own branch under the head; the head stays).
  *   client.api(path, { method, body, query }?) -> Promise<JSON> over HTTP
  *       (`/api/...`, with the token); non-2xx answers reject with RuncastError (plus
  *       `status`, and `retry_after` on 429).
+ *
+ * ## Records over HTTP (PROTOCOL.md §5, §10)
+ *
+ *   client.listThreads({ limit?, cursor?, metadata? }) -> { threads, next_cursor }
+ *   client.listRuns({ limit?, cursor?, status?, thread_id?, metadata? })
+ *                                          -> { runs, next_cursor }
+ *       newest first; pass the answer's `next_cursor` as `cursor` for the next page
+ *       (null: that was the last one). `metadata` {KEY: VALUE} filters on metadata.
+ *   client.updateThread(threadId, { title?, metadata?, expected_revision? }) -> ThreadInfo
+ *   client.updateRun(runId, { title?, metadata? })                          -> RunInfo
+ *       `metadata` is a JSON Merge Patch; a title of null clears it.
+ *   client.deleteThread(threadId), client.deleteRun(runId) -> { deleted: true }
+ *       erased for good (an admin token; a live run or busy thread answers
+ *       run_in_progress). Subscribers get onDeleted, thread watchers a "deleted" change.
  *
  * ## Subscriptions
  *
@@ -121,6 +139,7 @@
  *     onReset(epoch)     // the log was rewritten: drop what you hold; a snapshot follows
  *     onEnd(event)       // the terminal status event was delivered (null: the run had
  *                        // ended before a snapshot that said so); subscription is over
+ *     onDeleted(frame)   // the run was deleted (PROTOCOL.md §10); subscription is over
  *     onError(error)     // the subscribe was refused (e.g. not_found); subscription over
  *   });
  *   sub.runId, sub.cursor, sub.epoch, sub.ended, sub.info (the latest RunInfo)
@@ -133,12 +152,17 @@
  * ## Thread watches
  *
  *   const watch = client.watchThread(threadId, {
- *     onChange(frame)    // {type: "thread", thread_id, change, run?, revision}
+ *     onChange(frame)    // {type: "thread", thread_id, change, run?, revision}; change
+ *                        // "deleted" (PROTOCOL.md §10) is the last: the watch is over
  *     onWatch(thread)    // ThreadInfo, from each (re)watch reply: after a reconnect,
  *                        // re-read whatever you show (changes may have been missed)
  *     onError(error)
  *   });
  *   watch.close()
+ *
+ *   Several parts of a page may watch the same thread: the server holds one watch per
+ *   thread and connection, and the client shares it between every open watch of that
+ *   thread (it sends `unwatch_thread` when the last one closes).
  *
  * ## Helpers for folding events into a run's state (PROTOCOL.md §1)
  *
@@ -291,7 +315,7 @@ export class RuncastClient {
     this._pending = new Map(); // ref -> {resolve, reject, timer, onReply}
     this._nextRef = 1;
     this._subs = new Map(); // run_id -> Subscription
-    this._watches = new Map(); // thread_id -> ThreadWatch
+    this._watches = new Map(); // thread_id -> WatchGroup (the handles that share one watch)
     this._attempt = 0;
     this._retryTimer = null;
     this._heartbeatTimer = null;
@@ -668,6 +692,10 @@ export class RuncastClient {
         this._emit("thread", frame);
         this._watches.get(frame.thread_id)?._frame(frame);
         return;
+      case "deleted":
+        this._emit("deleted", frame);
+        this._subs.get(frame.run_id)?._deleted(frame);
+        return;
       default:
         return; // welcome, and frame types newer than this client
     }
@@ -718,10 +746,12 @@ export class RuncastClient {
    * from index 0 before the run can emit, and the returned subscription gets every event.
    */
   async start(agent, input = {}, options = {}) {
-    const { threadId, multitask, subscribe = true, ...callbacks } = options;
+    const { threadId, multitask, title, metadata, subscribe = true, ...callbacks } = options;
     const fields = { agent, input, subscribe };
     if (threadId) fields.thread_id = threadId;
     if (multitask) fields.multitask = multitask;
+    if (title) fields.title = title;
+    if (metadata) fields.metadata = metadata;
     let subscription = null;
     const result = await this.request("start", fields, {
       onReply: (res) => {
@@ -748,11 +778,44 @@ export class RuncastClient {
   }
 
   watchThread(threadId, callbacks = {}) {
-    this._watches.get(threadId)?._replaced();
+    let group = this._watches.get(threadId);
     const watch = new ThreadWatch(this, threadId, callbacks);
-    this._watches.set(threadId, watch);
-    watch._send();
+    if (group) {
+      group.watches.add(watch);
+      group.welcome(watch);
+    } else {
+      group = new WatchGroup(this, threadId);
+      group.watches.add(watch);
+      this._watches.set(threadId, group);
+      group._send();
+    }
     return watch;
+  }
+
+  // -- records over HTTP -------------------------------------------------------------------
+
+  listThreads({ limit, cursor, metadata } = {}) {
+    return this.api("/api/threads", { query: { limit, cursor, ...metadataQuery(metadata) } });
+  }
+
+  listRuns({ limit, cursor, status, thread_id, metadata } = {}) {
+    return this.api("/api/runs", { query: { limit, cursor, status, thread_id, ...metadataQuery(metadata) } });
+  }
+
+  updateThread(threadId, fields) {
+    return this.api(`/api/threads/${encodeURIComponent(threadId)}`, { method: "PATCH", body: fields });
+  }
+
+  updateRun(runId, fields) {
+    return this.api(`/api/runs/${encodeURIComponent(runId)}`, { method: "PATCH", body: fields });
+  }
+
+  deleteThread(threadId) {
+    return this.api(`/api/threads/${encodeURIComponent(threadId)}`, { method: "DELETE" });
+  }
+
+  deleteRun(runId) {
+    return this.api(`/api/runs/${encodeURIComponent(runId)}`, { method: "DELETE" });
   }
 
   // -- HTTP ----------------------------------------------------------------------------------
@@ -794,6 +857,12 @@ export class RuncastClient {
     }
     return json;
   }
+}
+
+function metadataQuery(metadata) {
+  const query = {};
+  for (const [key, value] of Object.entries(metadata || {})) query[`metadata.${key}`] = value;
+  return query;
 }
 
 function reportError(err) {
@@ -936,6 +1005,13 @@ class Subscription {
     if (this.client._subs.get(this.runId) === this) this.client._subs.delete(this.runId);
   }
 
+  /** The run was erased (PROTOCOL.md §10): the server ended the subscription. */
+  _deleted(frame) {
+    if (this.closed) return;
+    this._finish();
+    this._call("onDeleted", frame);
+  }
+
   _replaced() {
     this.closed = true;
   }
@@ -953,6 +1029,58 @@ class Subscription {
   }
 }
 
+/** The server's watch of one thread on this connection, shared by its ThreadWatch handles. */
+class WatchGroup {
+  constructor(client, threadId) {
+    this.client = client;
+    this.threadId = threadId;
+    this.watches = new Set();
+    this.thread = null; // the latest ThreadInfo from a watch reply
+  }
+
+  _send() {
+    if (this.client.state !== "connected") return;
+    this.client
+      .request("watch_thread", { thread_id: this.threadId })
+      .then((result) => {
+        if (this.client._watches.get(this.threadId) !== this) return;
+        this.thread = result.thread;
+        for (const watch of [...this.watches]) watch._call("onWatch", result.thread);
+      })
+      .catch((err) => {
+        if (this.client._watches.get(this.threadId) !== this) return;
+        if (err.code === "disconnected" || err.code === "timeout") return; // resent on reconnect
+        this._end();
+        for (const watch of [...this.watches]) watch._call("onError", err);
+      });
+  }
+
+  /** A handle that joins a watch already made gets its latest reply too. */
+  welcome(watch) {
+    if (this.thread) queueMicrotask(() => watch._call("onWatch", this.thread));
+  }
+
+  _frame(frame) {
+    // A deleted thread's watch is over on the server: end it here, without unwatching.
+    if (frame.change === "deleted") this._end();
+    for (const watch of [...this.watches]) watch._call("onChange", frame);
+  }
+
+  _end() {
+    if (this.client._watches.get(this.threadId) === this) this.client._watches.delete(this.threadId);
+    for (const watch of this.watches) watch.closed = true;
+  }
+
+  _leave(watch) {
+    this.watches.delete(watch);
+    if (this.watches.size || this.client._watches.get(this.threadId) !== this) return;
+    this.client._watches.delete(this.threadId);
+    if (this.client.state === "connected") {
+      this.client.request("unwatch_thread", { thread_id: this.threadId }).catch(() => {});
+    }
+  }
+}
+
 /** One thread watch. Created by `client.watchThread()`. */
 class ThreadWatch {
   constructor(client, threadId, callbacks) {
@@ -963,6 +1091,7 @@ class ThreadWatch {
   }
 
   _call(name, ...args) {
+    if (this.closed && name !== "onChange" && name !== "onError") return;
     const fn = this._cb[name];
     if (!fn) return;
     try {
@@ -972,36 +1101,9 @@ class ThreadWatch {
     }
   }
 
-  _send() {
-    if (this.closed || this.client.state !== "connected") return;
-    this.client
-      .request("watch_thread", { thread_id: this.threadId })
-      .then((result) => {
-        if (!this.closed) this._call("onWatch", result.thread);
-      })
-      .catch((err) => {
-        if (this.closed || err.code === "disconnected" || err.code === "timeout") return;
-        this.close();
-        this._call("onError", err);
-      });
-  }
-
-  _frame(frame) {
-    if (!this.closed) this._call("onChange", frame);
-  }
-
-  _replaced() {
-    this.closed = true;
-  }
-
   close() {
     if (this.closed) return;
     this.closed = true;
-    if (this.client._watches.get(this.threadId) === this) {
-      this.client._watches.delete(this.threadId);
-      if (this.client.state === "connected") {
-        this.client.request("unwatch_thread", { thread_id: this.threadId }).catch(() => {});
-      }
-    }
+    this.client._watches.get(this.threadId)?._leave(this);
   }
 }

@@ -1,16 +1,24 @@
 // The conversation view (#/threads/{thread_id}, PROTOCOL.md §6): the active path as
-// turns, the assistant's turn streaming live from its run, edit, regenerate, rewind,
-// undo, and a branch switcher wherever a turn has siblings.
+// turns, the assistant's turn streaming live from its run, edit (send it, or only save
+// it), regenerate, rewind, undo, a branch switcher wherever a turn has siblings, and
+// Reflect: a side run (`aside`) whose turns hang under the head on a branch of their own,
+// shown below the conversation while the head stays where it is. The title is renamed in
+// place; an admin may delete the conversation. A read-only token sees no control that
+// would change it.
 
 import { TERMINAL_STATUSES } from "./runcast.js";
-import { errorText, h, MessageView, shortId, statusBadge } from "./ui.js";
+import { confirmDialog, errorText, h, MessageView, shortId, statusBadge, titleEditor } from "./ui.js";
 
-/** Mounts the conversation `threadId` (null: a page that creates one); returns unmount. */
+/** What Reflect asks, as the user turn of its side run. */
+export const REFLECT_PROMPT =
+  "Reflect on the conversation so far: what went well, what went wrong, and what would you do differently?";
+
+/** Mounts the conversation `threadId`; returns a function that unmounts it. */
 export function mountThreadView(root, app, threadId) {
-  if (!threadId) return mountNewThread(root, app);
   const { client } = app;
   app.setThread(threadId);
   document.title = "conversation · runcast";
+  const canChange = app.can("change");
 
   let thread = null; // ThreadInfo
   let turns = new Map(); // turn_id -> turn (every turn, branches included)
@@ -19,12 +27,52 @@ export function mountThreadView(root, app, threadId) {
   let busy = false;
   const live = new Map(); // turn_id -> {model, view, off}: assistant turns being written
 
-  const title = h("h1", { tabindex: "-1" }, "Conversation");
+  let sideChoice = null; // the side branch shown, by its user turn's id (null: the newest)
+  let gone = false; // not found, or deleted: nothing more to read
+
+  const title = h("h1", { tabindex: "-1", dataset: { testid: "thread-title" } }, "Conversation");
+  const notice = h("p", { class: "notice", role: "status", "aria-live": "polite", dataset: { testid: "thread-notice" } });
+  const titling = titleEditor({
+    display: title,
+    value: null,
+    canEdit: app.can("rename"),
+    label: "Conversation title",
+    placeholder: "Untitled conversation",
+    name: () => "this conversation",
+    announce: (text) => (notice.textContent = text),
+    save: async (value) => {
+      await client.updateThread(threadId, { title: value });
+      await load();
+    },
+  });
   const revision = h("span", { class: "hint", dataset: { testid: "thread-revision" } });
   const stop = h("button", { type: "button", class: "danger", hidden: true, onclick: onStop }, "Stop");
-  const undo = h("button", { type: "button", onclick: () => op("undo") }, "Undo last exchange");
-  const notice = h("p", { class: "notice", role: "status", "aria-live": "polite", dataset: { testid: "thread-notice" } });
+  const undo = h("button", { type: "button", hidden: !canChange, onclick: () => op("undo") }, "Undo last exchange");
+  const reflect = h(
+    "button",
+    {
+      type: "button",
+      hidden: !canChange,
+      title: "ask for a reflection on a side branch; the conversation stays where it is",
+      dataset: { testid: "reflect" },
+      onclick: () => op("aside", { content: REFLECT_PROMPT, ...agentField() }),
+    },
+    "Reflect",
+  );
+  const remove = h(
+    "button",
+    { type: "button", class: "danger", hidden: !app.can("delete"), dataset: { testid: "delete-thread" }, onclick: onDelete },
+    "Delete",
+  );
+  const readOnly = h("span", { class: "read-only", dataset: { testid: "read-only" }, hidden: canChange }, "Read-only");
   const list = h("ol", { class: "turns", dataset: { testid: "turns" }, "aria-live": "polite" });
+  const sides = h("section", {
+    class: "side-branches",
+    "aria-label": "side branches",
+    "aria-live": "polite",
+    dataset: { testid: "side-branches" },
+    hidden: true,
+  });
   const agent = h("select", { id: "thread-agent", dataset: { testid: "thread-agent" } }, h("option", { value: "" }, "server default"));
   const textarea = h("textarea", {
     id: "composer",
@@ -44,6 +92,7 @@ export function mountThreadView(root, app, threadId) {
     "form",
     {
       class: "composer",
+      hidden: !canChange,
       onsubmit: async (e) => {
         e.preventDefault();
         const content = textarea.value.trim();
@@ -62,11 +111,12 @@ export function mountThreadView(root, app, threadId) {
     h(
       "header",
       { class: "run-head" },
-      h("div", { class: "run-title" }, title, h("code", { title: threadId }, shortId(threadId)), revision),
-      h("div", { class: "run-stats" }, stop, undo),
+      h("div", { class: "run-title" }, titling.element, h("code", { title: threadId }, shortId(threadId)), revision),
+      h("div", { class: "run-stats" }, readOnly, reflect, stop, undo, remove),
     ),
     notice,
     list,
+    sides,
     composer,
   );
   root.replaceChildren(view);
@@ -85,6 +135,7 @@ export function mountThreadView(root, app, threadId) {
 
   /** Read the thread with every turn; coalesces calls made while a read is in flight. */
   function load() {
+    if (gone) return Promise.resolve();
     if (loading) {
       again = true;
       return loading;
@@ -94,11 +145,12 @@ export function mountThreadView(root, app, threadId) {
         do {
           again = false;
           const body = await client.api(`/api/threads/${threadId}`, { query: { all: "true" } });
+          if (gone) return;
           setThread(body);
         } while (again);
       } catch (err) {
-        notice.textContent =
-          err.code === "not_found" ? "There is no such conversation." : `Could not read the conversation: ${errorText(err)}`;
+        if (err.code === "not_found") showGone("not_found");
+        else notice.textContent = `Could not read the conversation: ${errorText(err)}`;
       } finally {
         loading = null;
       }
@@ -128,8 +180,13 @@ export function mountThreadView(root, app, threadId) {
   function render() {
     revision.textContent = `revision ${thread.revision}`;
     revision.dataset.revision = String(thread.revision);
-    stop.hidden = !thread.active_run_id;
+    title.textContent = thread.title || "Conversation";
+    title.classList.toggle("untitled", !thread.title);
+    titling.set(thread.title);
+    document.title = `${thread.title || "conversation"} · runcast`;
+    stop.hidden = !thread.active_run_id || !app.can("stop");
     undo.disabled = !path.some((t) => t.role === "user");
+    reflect.disabled = !path.length;
     const lastAssistant = lastAssistantPosition();
     const items = path.map((turn, position) => {
       const siblings = (children.get(turn.parent_id ?? "") || []).filter((t) => t.role === turn.role);
@@ -143,8 +200,9 @@ export function mountThreadView(root, app, threadId) {
     });
     const onPath = new Set(path.map((t) => t.turn_id));
     for (const turnId of rendered.keys()) if (!onPath.has(turnId)) rendered.delete(turnId);
+    const shown = renderSides(onPath);
     for (const [turnId, entry] of live) {
-      if (onPath.has(turnId) && !TERMINAL_STATUSES.has(turns.get(turnId)?.status)) continue;
+      if (shown.has(turnId) && !TERMINAL_STATUSES.has(turns.get(turnId)?.status)) continue;
       entry.off();
       app.runs.release(entry.model);
       live.delete(turnId);
@@ -159,6 +217,92 @@ export function mountThreadView(root, app, threadId) {
     else if (memory && !memory.element.isConnected) restoreFocus(memory);
   }
 
+  /**
+   * The side branches under the head: user turns hanging from it off the active path
+   * (what Reflect makes; also what a rewind leaves). The newest shows, with the branch
+   * switcher between them; the head does not move until "Continue on this branch".
+   * Returns the ids of every turn on the page (the path and the side branch shown).
+   */
+  function renderSides(onPath) {
+    const shown = new Set(onPath);
+    const branches = (children.get(thread.head ?? "") || []).filter((t) => t.role === "user" && !onPath.has(t.turn_id));
+    if (!branches.length) {
+      sideChoice = null;
+      if (!sides.hidden) sides.replaceChildren();
+      sides.hidden = true;
+      return shown;
+    }
+    let position = branches.findIndex((t) => t.turn_id === sideChoice);
+    if (position < 0) position = branches.length - 1;
+    const question = branches[position];
+    const answers = (children.get(question.turn_id) || []).filter((t) => t.role === "assistant");
+    const answer = answers[answers.length - 1] || null;
+    shown.add(question.turn_id);
+    if (answer) shown.add(answer.turn_id);
+    const key = JSON.stringify([question, answer, branches.map((t) => t.turn_id), position]);
+    sides.hidden = false;
+    if (sides.dataset.key === key) return shown;
+    sides.dataset.key = key;
+    const had = sides.contains(document.activeElement) ? document.activeElement.dataset.action : null;
+    const pick = (k) => {
+      sideChoice = branches[k].turn_id;
+      render();
+    };
+    const switcher =
+      branches.length > 1
+        ? h(
+            "span",
+            { class: "branches", dataset: { testid: "branch-switcher" }, role: "group", "aria-label": "side branches" },
+            h("button", { type: "button", class: "small", dataset: { action: "previous-branch" }, "aria-label": "previous side branch", disabled: position === 0, onclick: () => pick(position - 1) }, "‹"),
+            h("span", { dataset: { testid: "branch-label" } }, `${position + 1} / ${branches.length}`),
+            h("button", { type: "button", class: "small", dataset: { action: "next-branch" }, "aria-label": "next side branch", disabled: position === branches.length - 1, onclick: () => pick(position + 1) }, "›"),
+          )
+        : null;
+    const answerBody = !answer
+      ? h("p", { class: "hint" }, "No answer yet.")
+      : answer.run_id && !TERMINAL_STATUSES.has(answer.status)
+        ? liveBody(answer)
+        : h("div", { class: "content", dataset: { testid: "turn-content" } }, answer.content || "");
+    const actions = h("div", { class: "turn-actions" });
+    if (canChange) {
+      actions.append(
+        h(
+          "button",
+          { type: "button", class: "small", dataset: { action: "continue-branch", testid: "continue-branch" }, onclick: () => switchTo(question) },
+          "Continue on this branch",
+        ),
+      );
+    }
+    if (answer?.run_id) actions.append(h("a", { href: `#/runs/${answer.run_id}`, class: "small" }, "run"));
+    sides.replaceChildren(
+      h(
+        "div",
+        { class: "turn-head" },
+        h("h2", {}, "Side branch"),
+        switcher,
+        h("span", { class: "hint" }, "off the conversation: it goes on from the last turn above"),
+      ),
+      h(
+        "div",
+        { class: "turn role-user", dataset: { testid: "side-turn", turnId: question.turn_id, role: "user" } },
+        h("div", { class: "turn-head" }, h("span", { class: "role" }, "You")),
+        h("div", { class: "content", dataset: { testid: "turn-content" } }, question.content || ""),
+      ),
+      answer
+        ? h(
+            "div",
+            { class: "turn role-assistant", dataset: { testid: "side-turn", turnId: answer.turn_id, role: "assistant" } },
+            h("div", { class: "turn-head" }, h("span", { class: "role" }, "Assistant"), answer.status !== "completed" ? statusBadge(answer.status) : null),
+            answerBody,
+          )
+        : answerBody,
+      actions,
+    );
+    if (busy) setBusy(true);
+    if (had) (sides.querySelector(`[data-action="${had}"]:not(:disabled)`) || sides.querySelector("button:not(:disabled)"))?.focus();
+    return shown;
+  }
+
   function lastAssistantPosition() {
     for (let k = path.length - 1; k >= 0; k--) if (path[k].role === "assistant") return k;
     return -1;
@@ -166,6 +310,7 @@ export function mountThreadView(root, app, threadId) {
 
   function renderTurn(turn, siblings, isLastAssistant) {
     const position = siblings.findIndex((t) => t.turn_id === turn.turn_id);
+    // Switching branches moves the head (a rewind): a read-only token sees where it is only.
     const switcher =
       siblings.length > 1
         ? h(
@@ -173,13 +318,13 @@ export function mountThreadView(root, app, threadId) {
             { class: "branches", dataset: { testid: "branch-switcher" }, role: "group", "aria-label": "branches" },
             h(
               "button",
-              { type: "button", class: "small", dataset: { action: "previous-branch" }, "aria-label": "previous branch", disabled: position === 0, onclick: () => switchTo(siblings[position - 1]) },
+              { type: "button", class: "small", hidden: !canChange, dataset: { action: "previous-branch" }, "aria-label": "previous branch", disabled: position === 0, onclick: () => switchTo(siblings[position - 1]) },
               "‹",
             ),
             h("span", { dataset: { testid: "branch-label" } }, `${position + 1} / ${siblings.length}`),
             h(
               "button",
-              { type: "button", class: "small", dataset: { action: "next-branch" }, "aria-label": "next branch", disabled: position === siblings.length - 1, onclick: () => switchTo(siblings[position + 1]) },
+              { type: "button", class: "small", hidden: !canChange, dataset: { action: "next-branch" }, "aria-label": "next branch", disabled: position === siblings.length - 1, onclick: () => switchTo(siblings[position + 1]) },
               "›",
             ),
           )
@@ -192,17 +337,7 @@ export function mountThreadView(root, app, threadId) {
       body = h("div", { class: "content", dataset: { testid: "turn-content" } }, turn.content || "");
     }
     const actions = h("div", { class: "turn-actions" });
-    if (turn.role === "user") {
-      actions.append(h("button", { type: "button", class: "small", dataset: { action: "edit" }, onclick: (e) => startEdit(e.target.closest("li"), turn) }, "Edit"));
-    }
-    if (isLastAssistant) {
-      actions.append(
-        h("button", { type: "button", class: "small", dataset: { testid: "regenerate", action: "regenerate" }, onclick: () => op("regenerate", agentField()) }, "Regenerate"),
-      );
-    }
-    actions.append(
-      h("button", { type: "button", class: "small", dataset: { action: "rewind" }, title: "make this turn the end of the conversation", onclick: () => op("rewind", { turn_id: turn.turn_id }) }, "Rewind here"),
-    );
+    if (canChange) appendTurnActions(actions, turn, isLastAssistant);
     if (turn.run_id) actions.append(h("a", { href: `#/runs/${turn.run_id}`, class: "small" }, "run"));
     return h(
       "li",
@@ -216,6 +351,20 @@ export function mountThreadView(root, app, threadId) {
       ),
       body,
       actions,
+    );
+  }
+
+  function appendTurnActions(actions, turn, isLastAssistant) {
+    if (turn.role === "user") {
+      actions.append(h("button", { type: "button", class: "small", dataset: { action: "edit" }, onclick: (e) => startEdit(e.target.closest("li"), turn) }, "Edit"));
+    }
+    if (isLastAssistant) {
+      actions.append(
+        h("button", { type: "button", class: "small", dataset: { testid: "regenerate", action: "regenerate" }, onclick: () => op("regenerate", agentField()) }, "Regenerate"),
+      );
+    }
+    actions.append(
+      h("button", { type: "button", class: "small", dataset: { action: "rewind" }, title: "make this turn the end of the conversation", onclick: () => op("rewind", { turn_id: turn.turn_id }) }, "Rewind here"),
     );
   }
 
@@ -236,15 +385,22 @@ export function mountThreadView(root, app, threadId) {
     return entry.view.element;
   }
 
+  /** Edit a user turn: Send (a sibling turn, answered by a new run) or Save (a sibling
+   * turn that becomes the head, and no run: `edit` with `run: false`). */
   function startEdit(item, turn) {
     const box = h("textarea", { rows: 2, "aria-label": "edited message", dataset: { testid: "edit-box" } }, turn.content);
+    let answer = true; // which button submitted the form
     const form = h(
       "form",
       {
         class: "edit-form",
         onsubmit: async (e) => {
           e.preventDefault();
-          if (await op("edit", { turn_id: turn.turn_id, content: box.value, ...agentField() })) return;
+          const fields = answer ? { ...agentField() } : { run: false };
+          if (await op("edit", { turn_id: turn.turn_id, content: box.value, ...fields })) {
+            if (!answer) notice.textContent = "Saved: no answer was asked for.";
+            return;
+          }
           box.focus();
         },
         onkeydown: (e) => {
@@ -255,7 +411,12 @@ export function mountThreadView(root, app, threadId) {
       h(
         "div",
         { class: "actions" },
-        h("button", { type: "submit", class: "primary", dataset: { testid: "save-edit" } }, "Save and answer"),
+        h("button", { type: "submit", class: "primary", dataset: { testid: "edit-send" }, onclick: () => (answer = true) }, "Send"),
+        h(
+          "button",
+          { type: "submit", dataset: { testid: "edit-save" }, title: "keep the edited message without asking for an answer", onclick: () => (answer = false) },
+          "Save",
+        ),
         h("button", { type: "button", onclick: () => cancel() }, "Cancel"),
       ),
     );
@@ -346,6 +507,52 @@ export function mountThreadView(root, app, threadId) {
     target?.focus();
   }
 
+  async function onDelete() {
+    const name = thread?.title ? `“${thread.title}”` : "This conversation";
+    const confirmed = await confirmDialog({
+      title: "Delete this conversation?",
+      body: `${name}, its turns and its runs will be erased for good. This cannot be undone.`,
+      confirmLabel: "Delete for good",
+    });
+    if (!confirmed || gone) return;
+    remove.disabled = true;
+    try {
+      await app.deleteThread(threadId);
+      app.flash = `${name} was deleted.`;
+      app.navigate("#/threads");
+    } catch (err) {
+      remove.disabled = false;
+      notice.textContent =
+        err.code === "run_in_progress" ? "A run is active in this conversation: stop it first, then delete." : `Could not delete: ${errorText(err)}`;
+      remove.focus();
+    }
+  }
+
+  /** The conversation is not there (any more): say so instead of showing it. */
+  function showGone(reason) {
+    if (gone) return;
+    gone = true;
+    const deleted = reason === "deleted";
+    document.title = `conversation ${deleted ? "deleted" : "not found"} · runcast`;
+    const heading = h("h1", { tabindex: "-1" }, deleted ? "Conversation deleted" : "Conversation not found");
+    view.replaceChildren(
+      heading,
+      h(
+        "p",
+        { class: "run-error", role: "alert", dataset: { testid: "thread-gone", reason } },
+        deleted ? "This conversation was deleted: its turns and runs are gone for good." : `There is no conversation ${threadId}.`,
+      ),
+      h("p", {}, h("a", { href: "#/threads" }, "Back to the conversations")),
+    );
+    view.removeAttribute("aria-busy");
+    for (const entry of live.values()) {
+      entry.off();
+      app.runs.release(entry.model);
+    }
+    live.clear();
+    if (document.activeElement === document.body || !document.activeElement?.isConnected) heading.focus();
+  }
+
   async function onStop() {
     if (!thread?.active_run_id) return;
     try {
@@ -356,7 +563,9 @@ export function mountThreadView(root, app, threadId) {
   }
 
   const off = app.onThread((frame) => {
-    if (frame.thread_id === threadId) load();
+    if (frame.thread_id !== threadId) return;
+    if (frame.change === "deleted") showGone("deleted");
+    else load();
   });
   load();
   return () => {
@@ -371,43 +580,4 @@ export function mountThreadView(root, app, threadId) {
 
 function byCreated(a, b) {
   return a.created_at - b.created_at || (a.turn_id < b.turn_id ? -1 : 1);
-}
-
-function mountNewThread(root, app) {
-  document.title = "new conversation · runcast";
-  const error = h("p", { class: "run-error", role: "alert" });
-  const create = h(
-    "button",
-    {
-      type: "button",
-      class: "primary",
-      dataset: { testid: "new-thread" },
-      onclick: async () => {
-        create.disabled = true;
-        try {
-          const thread = await app.client.api("/api/threads", { method: "POST", body: {} });
-          app.navigate(`#/threads/${thread.thread_id}`);
-        } catch (err) {
-          error.textContent = errorText(err);
-          create.disabled = false;
-        }
-      },
-    },
-    "New conversation",
-  );
-  const links = app.threadId
-    ? h("p", {}, "Or continue ", h("a", { href: `#/threads/${app.threadId}` }, `the current thread ${shortId(app.threadId)}`), ".")
-    : null;
-  root.replaceChildren(
-    h(
-      "article",
-      { class: "thread-view" },
-      h("h1", { tabindex: "-1" }, "Conversations"),
-      h("p", {}, "A conversation is a thread of turns: edit a message, regenerate an answer or rewind, and switch between the branches this leaves."),
-      h("p", {}, create),
-      links,
-      error,
-    ),
-  );
-  return () => {};
 }

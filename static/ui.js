@@ -267,3 +267,146 @@ function toolCard(tool) {
     result,
   );
 }
+
+// -- a confirmation dialog ------------------------------------------------------------------
+
+let dialogCounter = 0;
+
+/**
+ * Ask for a confirmation in a modal dialog (a native <dialog>: focus moves into it and
+ * stays there, Escape cancels, the page behind is inert). Cancel has the focus first, so
+ * Enter pressed by habit does not confirm. Resolves true when confirmed; focus goes back
+ * to where it was (the caller moves it elsewhere if that element is gone).
+ */
+export function confirmDialog({ title, body, confirmLabel = "Delete", cancelLabel = "Cancel", danger = true }) {
+  return new Promise((resolve) => {
+    const opener = document.activeElement;
+    const id = `dialog${++dialogCounter}`;
+    const cancel = h("button", { value: "cancel", dataset: { testid: "confirm-cancel" } }, cancelLabel);
+    const confirm = h("button", { value: "confirm", class: danger ? "danger" : "primary", dataset: { testid: "confirm-ok" } }, confirmLabel);
+    const dialog = h(
+      "dialog",
+      { class: "confirm", "aria-labelledby": `${id}-title`, "aria-describedby": `${id}-body`, dataset: { testid: "confirm-dialog" } },
+      h(
+        "form",
+        { method: "dialog" },
+        h("h2", { id: `${id}-title` }, title),
+        h("p", { id: `${id}-body` }, body),
+        h("div", { class: "actions" }, cancel, confirm),
+      ),
+    );
+    dialog.addEventListener("close", () => {
+      const confirmed = dialog.returnValue === "confirm";
+      dialog.remove();
+      if (opener instanceof HTMLElement && opener.isConnected) opener.focus();
+      resolve(confirmed);
+    });
+    document.body.append(dialog);
+    dialog.showModal();
+    cancel.focus();
+  });
+}
+
+// -- a title renamed in place ---------------------------------------------------------------
+
+/**
+ * A title shown by `display` (a heading or a link), with a Rename button (when
+ * `canEdit`) that turns it into a text field in place: Enter saves through
+ * `save(title)` (null for an empty field; it resolves, or throws an error that is shown
+ * beside the field), Escape cancels. Returns {element, set(title), editing}.
+ *
+ *   label     what the field is called for assistive technology ("Conversation title")
+ *   name      () -> a short name of the thing, for the button's accessible name
+ *   announce  (text) -> void: where a result is read out (an aria-live region)
+ */
+export function titleEditor({ display, value, canEdit, save, label, name = () => "", announce = () => {}, placeholder = "" }) {
+  let current = value ?? null;
+  let editor = null;
+  const rename = h(
+    "button",
+    { type: "button", class: "small rename", dataset: { testid: "rename" }, hidden: !canEdit, onclick: () => open() },
+    "Rename",
+  );
+  const element = h("span", { class: "title-edit" }, display, rename);
+  labelButton();
+
+  function labelButton() {
+    const what = name();
+    rename.setAttribute("aria-label", what ? `Rename ${what}` : "Rename");
+  }
+
+  function open() {
+    if (editor) return;
+    const input = h("input", {
+      type: "text",
+      value: current ?? "",
+      placeholder,
+      maxlength: 500,
+      "aria-label": label,
+      autocomplete: "off",
+      dataset: { testid: "rename-input" },
+      onkeydown: (e) => {
+        if (e.key === "Escape") {
+          e.preventDefault();
+          e.stopPropagation();
+          close();
+          rename.focus();
+        }
+      },
+    });
+    const error = h("span", { class: "run-error", role: "alert", dataset: { testid: "rename-error" } });
+    const ok = h("button", { type: "submit", class: "small primary", dataset: { testid: "rename-save" } }, "Save");
+    const form = h(
+      "form",
+      {
+        class: "rename-form",
+        onsubmit: async (e) => {
+          e.preventDefault();
+          const title = input.value.trim() || null;
+          input.disabled = ok.disabled = true;
+          error.textContent = "";
+          try {
+            await save(title);
+            current = title;
+            close();
+            rename.focus();
+            announce(title ? `Renamed to “${title}”.` : "The title was cleared.");
+          } catch (err) {
+            input.disabled = ok.disabled = false;
+            error.textContent = `Could not rename: ${errorText(err)}`;
+            input.focus();
+          }
+        },
+      },
+      input,
+      ok,
+      h("button", { type: "button", class: "small", onclick: () => (close(), rename.focus()) }, "Cancel"),
+      error,
+    );
+    editor = form;
+    display.hidden = true;
+    rename.hidden = true;
+    element.append(form);
+    input.focus();
+    input.select();
+  }
+
+  function close() {
+    editor?.remove();
+    editor = null;
+    display.hidden = false;
+    rename.hidden = !canEdit;
+  }
+
+  return {
+    element,
+    get editing() {
+      return editor !== null;
+    },
+    /** The title as the server now has it (the field, if open, keeps what is typed). */
+    set(title) {
+      current = title ?? null;
+      labelButton();
+    },
+  };
+}

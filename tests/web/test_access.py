@@ -172,7 +172,7 @@ def test_a_share_link_opens_the_run_read_only_and_leaves_the_address_bar(
 def test_the_share_button_makes_a_link_that_a_fresh_browser_opens(
     open_tab: Any, token_server: Spawned
 ) -> None:
-    run_id = start_run(token_server, "demo", {"tokens": 400, "speed": 40})
+    run_id = start_run(token_server, "demo", {"tokens": 4000, "speed": 40})  # stopped at the end
     a = open_tab(f"/#/runs/{run_id}")
     sign_in(a, ADMIN_TOKEN)
     expect(by_id(a, "run-view")).to_have_attribute("data-run-id", run_id)

@@ -252,7 +252,7 @@ def test_a_conversation_send_regenerate_and_switch_branches(
     # Edit the question: a sibling user turn, answered anew; the old one stays a branch.
     turns.nth(0).get_by_role("button", name="Edit").click()
     by_id(a, "edit-box").fill("goodbye")
-    by_id(a, "save-edit").click()
+    by_id(a, "edit-send").click()
     expect(turns.nth(0).get_by_test_id("turn-content")).to_have_text("goodbye")
     expect(turns.nth(0).get_by_test_id("branch-label")).to_have_text("2 / 2")
     expect(turns.nth(1).get_by_test_id("turn-content")).to_have_text("goodbye")
