@@ -24,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from app.agents.openai import default_tools
 from app.cli import build_parser
 from app.config import ENV_PREFIX, Settings
 from tests.conftest import Spawned
@@ -368,3 +370,52 @@ def test_the_own_agent_file_is_served_by_its_path_from_elsewhere(
     with serving(command, cwd=tmp_path / "elsewhere") as server:
         events = sse_events(run_session(session, server.port, tmp_path))
     assert "".join(e["data"]["text"] for e in events if e["type"] == "text") == "HELLO"
+
+
+def test_the_langgraph_example_plans_asks_and_finishes(tmp_path: Path) -> None:
+    """ "Use a LangGraph graph": planner.py as written, served with the command given,
+    waits for approval at interrupt() and completes with the answer in its state."""
+    text = sections()["Use a LangGraph graph"]
+    [code] = code_blocks(text, "python")
+    command = re.search(r"`(runcast serve --agents planner)`", text)
+    assert command is not None
+    (tmp_path / "planner.py").write_text(code)
+    with (
+        serving(command[1], cwd=tmp_path) as server,
+        httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http,
+    ):
+        run = http.post("/api/runs", json={"agent": "planner", "input": {}}).json()
+        run_id = run["run_id"]
+        with http.stream(
+            "GET", f"/api/runs/{run_id}/events", headers={"Accept": "text/event-stream"}
+        ) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: input_required"):
+                    break
+        state = http.get(f"/api/runs/{run_id}/snapshot").json()["state"]
+        assert state["data"]["steps"] == ["write", "test", "release"]
+        request_id = state["pending_input"]["request_id"]
+        answer = http.post(
+            f"/api/runs/{run_id}/respond", json={"request_id": request_id, "value": "yes"}
+        )
+        assert answer.status_code == 200, answer.text
+        events = sse_events(
+            http.get(f"/api/runs/{run_id}/events", headers={"Accept": "text/event-stream"}).text
+        )
+    assert events[-1]["type"] == "status" and events[-1]["data"]["status"] == "completed"
+    assert [e["data"] for e in events if e["type"] == "state"][-1] == {"approved": "yes"}
+
+
+def test_the_own_model_example_names_real_flags() -> None:
+    text = sections()["Use your own model"]
+    [command] = code_blocks(text, "sh")
+    argv = command_argv(command)
+    parsed = build_parser().parse_args(argv[argv.index("serve") :])
+    assert (parsed.openai_base_url, parsed.openai_model) == (
+        "http://localhost:11434/v1",
+        "llama3.2",
+    )
+    [tool_code] = code_blocks(text, "python")
+    exec(compile(tool_code, "README tool example", "exec"), {})
+    # The decorator put it among the tools the built-in agent offers the model.
+    assert default_tools.get("weather") is not None
