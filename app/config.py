@@ -43,6 +43,7 @@ class Settings(BaseModel):
     allow_origins: tuple[str, ...] = ()
     secret: str | None = None  # signs share tokens; kept in the database when not given
     insecure: bool = False  # allow open mode on a non-loopback address
+    metrics_public: bool = False  # GET /metrics without a token in token mode
     # -- limits (PROTOCOL.md §8) ---------------------------------------------------------
     max_frame_bytes: int = Field(1_048_576, ge=1024)
     max_subscriptions: int = Field(256, ge=1)
