@@ -20,11 +20,13 @@ import os
 import shlex
 import socket
 import sys
+import textwrap
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from pydantic import ValidationError
@@ -33,32 +35,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, bench, terminal
 from app.access.tokens import parse_server_tokens
-from app.config import ENV_PREFIX, Settings
+from app.config import (
+    ENV_PREFIX,
+    GROUPS,
+    Settings,
+    default_text,
+    is_database_url,
+    is_list,
+    option,
+    variable,
+    variables,
+)
 from app.errors import RuncastError, StoreError
-from app.store.sqlite import SqliteStore
+from app.log_format import configure_logging
+from app.store import open_store
 from app.transport.app import Runtime, create_app
 
 logger = logging.getLogger("app")
-
-
-_LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--max-frame-bytes", "max_frame_bytes", int, "largest frame or body (1 MiB)"),
-    ("--max-subscriptions", "max_subscriptions", int, "subscriptions per connection (256)"),
-    ("--max-thread-watches", "max_thread_watches", int, "thread watches per connection (64)"),
-    (
-        "--max-connections-per-address",
-        "max_connections_per_address",
-        int,
-        "WebSocket connections per client address; 0: no limit (1000)",
-    ),
-    ("--rate", "rate", float, "ops a second per connection, requests per address (100)"),
-    ("--rate-burst", "rate_burst", int, "how many ops or requests may come at once (1000)"),
-    ("--max-live-runs", "max_live_runs", int, "live runs on the server (1000)"),
-    ("--max-event-bytes", "max_event_bytes", int, "largest event an agent may emit (1 MiB)"),
-    ("--max-input-bytes", "max_input_bytes", int, "largest agent input (256 KiB)"),
-    ("--ping-interval", "ping_interval_s", float, "seconds between pings; no pong: 1011 (20)"),
-    ("--write-timeout", "write_timeout_s", float, "seconds a send may stall; then 4408 (30)"),
-)
 
 
 DESCRIPTION = """\
@@ -168,6 +161,49 @@ def _setting_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     }
 
 
+def _add_setting(parser: argparse._ActionsContainer, name: str) -> None:
+    """Add the flag of setting ``name`` (app/config.py) to ``parser``: a list's is
+    repeatable, an on/off setting's takes no value, a number's is parsed as one."""
+    field = Settings.model_fields[name]
+    flag = option(name).flag
+    assert flag is not None, f"setting {name} has no flag"
+    if field.annotation is bool:
+        # default None, not False: a flag not given leaves the variable's value.
+        parser.add_argument(flag, dest=name, action="store_true", default=None, help=_help_of(name))
+        return
+    kwargs: dict[str, Any] = {"action": "append" if is_list(name) else "store"}
+    if field.annotation in (int, float):  # argparse refuses a value that is not a number
+        kwargs["type"] = field.annotation
+    parser.add_argument(
+        flag, dest=name, metavar=option(name).metavar, help=_help_of(name), **kwargs
+    )
+
+
+def _help_of(name: str) -> str:
+    """The help of setting ``name``: its description, its variable, its default."""
+    text = (Settings.model_fields[name].description or "").replace("`", "")
+    if is_list(name) and option(name).flag:
+        text += "; repeatable"
+    where = variable(name) + (", comma-separated" if is_list(name) else "")
+    default = default_text(name)
+    text += f" ({where}; default {default})" if default else f" ({where})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _group_description(group: str, description: str) -> str | None:
+    """What ``runcast serve --help`` says above the flags of ``group``: ``description``,
+    then each setting of the group that has no flag, with its variable."""
+    paragraphs = [description] if description else []
+    for name in Settings.model_fields:
+        if option(name).group == group and option(name).flag is None:
+            where = variable(name) + (" (comma-separated)" if is_list(name) else "")
+            what = (Settings.model_fields[name].description or "").replace("`", "")
+            default = default_text(name)
+            paragraphs.append(f"{where}: {what}" + (f"; default {default}" if default else ""))
+    text = "\n".join(textwrap.fill(paragraph, width=76) for paragraph in paragraphs)
+    return text or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="runcast", **_help(DESCRIPTION, EPILOG))
     parser.add_argument("--version", action="version", version=f"runcast {__version__}")
@@ -179,72 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the server (flags override RUNCAST_* env)",
         **_help(SERVE_DESCRIPTION, SERVE_EPILOG),
     )
-    serve.add_argument("--host", help="address to listen on (RUNCAST_HOST, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port, 0 for any free one (RUNCAST_PORT, 8000)")
-    serve.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
-    serve.add_argument(
-        "--flush-interval",
-        dest="flush_interval_s",
-        type=float,
-        help="seconds between group commits (RUNCAST_FLUSH_INTERVAL, 0.2)",
-    )
-    serve.add_argument(
-        "--agents",
-        action="append",
-        metavar="MODULE",
-        help="import MODULE to register agents: a module name, found in the current "
-        "directory first, or a .py file's path; repeatable (RUNCAST_AGENTS, comma-separated)",
-    )
-    serve.add_argument("--log-level", help="debug, info, warning, error (RUNCAST_LOG_LEVEL)")
-    serve.add_argument("--static-dir", help="directory served at / (RUNCAST_STATIC_DIR)")
-    serve.add_argument(
-        "--linger",
-        dest="linger_s",
-        type=float,
-        help="seconds an ended run stays in memory (RUNCAST_LINGER, 30)",
-    )
-    serve.add_argument(
-        "--tail-events",
-        type=int,
-        help="events of a run kept in memory; older ones page from disk "
-        "(RUNCAST_TAIL_EVENTS, 10000)",
-    )
-    serve.add_argument(
-        "--openai-base-url",
-        metavar="URL",
-        help="OpenAI-compatible endpoint of the openai agent, e.g. http://localhost:11434/v1 "
-        "(RUNCAST_OPENAI_BASE_URL; its key: RUNCAST_OPENAI_API_KEY, never a flag)",
-    )
-    serve.add_argument(
-        "--openai-model", metavar="NAME", help="the openai agent's model (RUNCAST_OPENAI_MODEL)"
-    )
-    access = serve.add_argument_group("access (without a token the server is open: loopback only)")
-    access.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="server tokens, one 'ROLE SECRET' a line; roles viewer, operator, admin "
-        "(RUNCAST_TOKENS='ROLE:SECRET,...' adds more)",
-    )
-    access.add_argument(
-        "--allow-origin",
-        dest="allow_origins",
-        action="append",
-        metavar="ORIGIN",
-        help="a browser origin allowed besides the server's own, exact; repeatable "
-        "(RUNCAST_ALLOW_ORIGINS, comma-separated)",
-    )
-    access.add_argument(
-        "--secret", help="signs share links (RUNCAST_SECRET; default: one kept in the database)"
-    )
-    access.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow an open server (no token) on a non-loopback address",
-    )
-    limits = serve.add_argument_group("limits")
-    for flag, dest, kind, text in _LIMIT_FLAGS:
-        limits.add_argument(flag, dest=dest, type=kind, metavar="N", help=text)
+    for group, description in GROUPS.items():
+        flags = serve.add_argument_group(group, _group_description(group, description))
+        for name in Settings.model_fields:
+            if option(name).group == group and option(name).flag:
+                _add_setting(flags, name)
     serve.set_defaults(setting_flags=_setting_flags(serve))
     db = commands.add_parser("db", help="database maintenance", **_help(DB_DESCRIPTION, DB_EPILOG))
     db_commands = db.add_subparsers(
@@ -255,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="integrity: SQLite's own check, contiguous logs, terminal events",
         **_help(CHECK_DESCRIPTION, CHECK_EPILOG),
     )
-    check.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
+    _add_setting(check, "db")
     check.set_defaults(setting_flags=_setting_flags(check))
     vacuum = db_commands.add_parser(
         "vacuum",
         help="reclaim the space of deleted runs and threads (SQLite VACUUM); "
         "prints the size before and after",
     )
-    vacuum.add_argument("--db", help="SQLite file (RUNCAST_DB, ./runcast.db)")
+    _add_setting(vacuum, "db")
     vacuum.set_defaults(setting_flags=_setting_flags(vacuum))
     bench_parser = commands.add_parser(
         "bench",
@@ -351,7 +326,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _check_store(path: Path) -> None:
+async def _check_store(path: Path | str) -> None:
     """Open the database once and close it: a file that cannot be opened or created, or
     that a newer runcast wrote, refuses the start here, before uvicorn's lifespan would
     fail on it with a traceback.
@@ -359,8 +334,9 @@ async def _check_store(path: Path) -> None:
     Raises:
         RefusalError: what is wrong with the file.
     """
-    _check_database_path(path)
-    store = SqliteStore(path)
+    if not is_database_url(path):
+        _check_database_path(Path(path))
+    store = open_store(path)
     try:
         await store.open()
     except StoreError as exc:  # the message names the file and why (store/sqlite.py)
@@ -412,6 +388,7 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
     config = uvicorn.Config(
         _remember_startup_failure(app, failures),
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through runcast's handler (configure_logging)
         # A frame a little over the limit is read and answered payload_too_large; a frame
         # twice over closes the connection (1009). Reading pauses while a frame waits for
         # the session, so a connection buffers at most a few frames.
@@ -447,7 +424,10 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
             why = f"{type(cause).__name__}: {cause}"
         raise RefusalError(f"cannot start: {why}") from cause
     shown = f"[{host}]" if ":" in host else host
-    print(f"runcast {__version__} listening on http://{shown}:{port}", flush=True)
+    url = f"http://{shown}:{port}"
+    print(f"runcast {__version__} listening on {url}", flush=True)
+    if settings.log_format == "json":  # a log collector reads stderr: the address is there too
+        logger.info("runcast %s listening on %s", __version__, url)
     exit_requested = asyncio.create_task(server.exit_requested.wait(), name="exit signal")
     await asyncio.wait({serving, exit_requested}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():
@@ -487,14 +467,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_database(path: Path) -> int:
+def _shown(db: Path | str) -> str:
+    """A database as it may be printed: a URL without its password."""
+    if not is_database_url(db):
+        return str(db)
+    parts = urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_database(path: Path | str) -> int:
     """``runcast db check``: print every problem; exit 0 when there is none."""
-    if not path.exists():
+    if not is_database_url(path) and not Path(path).exists():
         print(f"runcast: no database at {path}", file=sys.stderr)
         return 2
 
     async def run_check() -> list[str]:
-        store = SqliteStore(path)
+        store = open_store(path)
         await store.open()
         try:
             return await store.check()
@@ -508,19 +499,20 @@ def check_database(path: Path) -> int:
         return 2
     for problem in problems:
         print(problem)
-    print(f"{path}: {'ok' if not problems else f'{len(problems)} problems'}")
+    print(f"{_shown(path)}: {'ok' if not problems else f'{len(problems)} problems'}")
     return 0 if not problems else 1
 
 
-def vacuum_database(path: Path) -> int:
-    """``runcast db vacuum``: rebuild the file without its free pages; print the size
-    (with its WAL) before and after. Exit 0 when done, 2 when it could not be."""
-    if not path.exists():
+def vacuum_database(path: Path | str) -> int:
+    """``runcast db vacuum``: rebuild the file (or the tables) without free pages and
+    dead rows; print the size before and after. Exit 0 when done, 2 when it could not
+    be."""
+    if not is_database_url(path) and not Path(path).exists():
         print(f"runcast: no database at {path}", file=sys.stderr)
         return 2
 
     async def run_vacuum() -> tuple[int, int]:
-        store = SqliteStore(path)
+        store = open_store(path)
         await store.open()
         try:
             return await store.vacuum()
@@ -532,7 +524,7 @@ def vacuum_database(path: Path) -> int:
     except StoreError as exc:
         print(f"runcast: {exc}", file=sys.stderr)
         return 2
-    print(f"{path}: {before:,} bytes before, {after:,} bytes after")
+    print(f"{_shown(path)}: {before:,} bytes before, {after:,} bytes after")
     return 0
 
 
@@ -554,13 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """``runcast serve`` or ``runcast db check``. Raises: RefusalError."""
-    flags: dict[str, Any] = {
-        name: value for name, value in vars(args).items() if name in Settings.model_fields
-    }
-    for name in ("agents", "allow_origins"):
-        if flags.get(name):
-            flags[name] = tuple(flags[name])
-    settings = _settings(flags, args.setting_flags)
+    settings = settings_of(args)
     if args.command == "db":
         if args.db_command == "vacuum":
             return vacuum_database(settings.db)
@@ -569,11 +555,24 @@ def _run(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings of a parsed ``runcast serve`` or ``runcast db`` command line: its
+    flags on top of the ``RUNCAST_*`` variables.
+
+    Raises:
+        RefusalError: a value is invalid (the line names its flag or variable).
+    """
+    flags: dict[str, Any] = {
+        name: tuple(value) if isinstance(value, list) else value  # a repeatable flag's
+        for name, value in vars(args).items()
+        if name in Settings.model_fields
+    }
+    return _settings(flags, args.setting_flags)
 
 
 def _settings(flags: Mapping[str, Any], setting_flags: Mapping[str, str]) -> Settings:
@@ -607,7 +606,4 @@ def _source(name: str, flags: Mapping[str, Any], setting_flags: Mapping[str, str
     ``Settings.from_env`` reads them), else its name."""
     if flags.get(name) is not None and name in setting_flags:
         return setting_flags[name]
-    variables = [f"{ENV_PREFIX}{name.upper()}"]
-    if name.endswith("_s"):
-        variables.append(f"{ENV_PREFIX}{name.removesuffix('_s').upper()}")
-    return next((variable for variable in variables if variable in os.environ), name)
+    return next((given for given in variables(name) if given in os.environ), name)

@@ -570,6 +570,77 @@ def sqlite_schema(db: Path) -> list[tuple[Any, ...]]:
     return schema
 
 
+# -- logs -------------------------------------------------------------------------------
+
+
+async def test_log_format_json_is_one_object_a_line_with_the_ids(tmp_path: Path) -> None:
+    """``--log-format json`` (winning over RUNCAST_LOG_FORMAT; the level from
+    RUNCAST_LOG_LEVEL): every line on stderr is one JSON object, uvicorn's included; a
+    run's lines carry its run_id, a connection's its connection_id. The address line
+    stays on stdout for scripts, and is in the log too."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env |= {"RUNCAST_LOG_FORMAT": "text", "RUNCAST_LOG_LEVEL": "debug"}
+    argv = ["serve", "--port", "0", "--db", str(tmp_path / "x.db"), "--log-format", "json"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    stderr: list[str] = []
+
+    async def read_log(stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            stderr.append(line.decode())
+
+    reading = asyncio.create_task(read_log(process.stderr))
+    try:
+        async with asyncio.timeout(20):
+            first = (await process.stdout.readline()).decode()
+            listening = re.fullmatch(r"runcast \S+ listening on (http://127\.0\.0\.1:\d+)\n", first)
+            assert listening, first + "".join(stderr)
+            url = listening[1]
+            async with websockets.connect(url.replace("http", "ws") + "/ws") as ws:
+                welcome = json.loads(await ws.recv())
+                start = {"op": "start", "agent": "counter", "input": {"n": 3}, "ref": 1}
+                await ws.send(json.dumps(start))
+                run_id = json.loads(await ws.recv())["result"]["run"]["run_id"]
+                status = None
+                while status not in TERMINAL:
+                    frame = json.loads(await ws.recv())
+                    for event in frame.get("events", []):
+                        if event["type"] == "status":
+                            status = event["data"]["status"]
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(f"{url}/api/health")).status_code == 200
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        async with asyncio.timeout(20):
+            code = await process.wait()
+            await reading
+            await process.stdout.read()
+    assert code == 0, "".join(stderr)
+    lines = [json.loads(line) for line in stderr]  # each line parses on its own
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+
+    def logged(**expected: str) -> bool:
+        return any(all(line.get(k) == v for k, v in expected.items()) for line in lines)
+
+    assert logged(logger="uvicorn.error", message=f"Started server process [{process.pid}]")
+    assert logged(logger="app", message=f"runcast {__version__} listening on {url}")
+    assert any(
+        line["logger"] == "uvicorn.access" and "GET /api/health" in line["message"]
+        for line in lines
+    )
+    assert logged(run_id=run_id, message=f"run_id={run_id} ended {status}")
+    assert logged(connection_id=welcome["connection_id"], level="debug")
+
+
 # -- help -------------------------------------------------------------------------------
 
 

@@ -110,7 +110,7 @@ def within(name: str, prefix: str) -> bool:
 
 
 def test_the_packages_exist() -> None:
-    for package in ("core", "engine", "store", "transport", "agents"):
+    for package in ("core", "engine", "store", "access", "transport", "agents"):
         assert modules(package), package
     assert {module_name(path) for path in modules("core")} >= {
         "app.core",
@@ -203,3 +203,95 @@ def test_access_decides_without_engine_or_transport(path: Path) -> None:
 def test_engine_and_store_know_nothing_of_access(path: Path) -> None:
     bad = {name for name in imported_names(path) if within(name, "app.access")}
     assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+# What transport may import from the app: everything below it. The agents only from
+# app/transport/app.py, the composition root: it registers the built-in agents
+# (app.agents.builtin), and the openai agent when the settings configure one (imported
+# there, lazily), into a registry (app.agents.registry). Every other transport module
+# reaches an agent through the engine, by name.
+TRANSPORT_ALLOWED = ("app.transport", "app.access", "app.engine", "app.store", "app.core")
+TRANSPORT_ALLOWED_LEAVES = ("app.errors", "app.config")
+TRANSPORT_AGENTS_ALLOWED = {
+    "app/transport/app.py": {
+        "app.agents.builtin",
+        "app.agents.builtin.register_builtins",
+        "app.agents.registry",
+        "app.agents.registry.Registry",
+        "app.agents.registry.default_registry",
+        "app.agents.openai",
+        "app.agents.openai.register_openai",
+    }
+}
+
+
+def app_names(names: set[str]) -> set[str]:
+    """The app's own modules among ``names``; ``from app import __version__`` (the
+    package's version string, which every layer may read) left out."""
+    return {
+        name for name in names if within(name, "app") and name not in ("app", "app.__version__")
+    }
+
+
+@pytest.mark.parametrize("path", modules("transport"), ids=module_name)
+def test_transport_imports_only_the_layers_below_it(path: Path) -> None:
+    relative = path.relative_to(APP.parent).as_posix()
+    agents_allowed = TRANSPORT_AGENTS_ALLOWED.get(relative, set())
+    bad = {
+        name
+        for name in app_names(imported_names(path))
+        if not any(within(name, layer) for layer in TRANSPORT_ALLOWED + TRANSPORT_ALLOWED_LEAVES)
+        and name not in agents_allowed
+    }
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+# What the agents may import from the app: their own package, core (events, ids), errors,
+# and config (the openai agent reads its endpoint and model from the settings). The engine
+# only through RunContext: app/agents/context.py wraps the engine's LiveRun, and the
+# registry names LiveRun as the type of the run it hands to RunContext; the adapters
+# (builtin, openai, langgraph) see the RunContext alone.
+AGENTS_ALLOWED = ("app.agents", "app.core", "app.errors", "app.config")
+AGENTS_ENGINE_ALLOWED = {
+    "app/agents/context.py": {"app.engine.run", "app.engine.run.LiveRun"},
+    "app/agents/registry.py": {"app.engine.run", "app.engine.run.LiveRun"},
+}
+
+
+@pytest.mark.parametrize("path", modules("agents"), ids=module_name)
+def test_agents_reach_the_engine_only_through_run_context(path: Path) -> None:
+    relative = path.relative_to(APP.parent).as_posix()
+    engine_allowed = AGENTS_ENGINE_ALLOWED.get(relative, set())
+    bad = {
+        name
+        for name in app_names(imported_names(path))
+        if not any(within(name, layer) for layer in AGENTS_ALLOWED) and name not in engine_allowed
+    }
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+# The command line is the top: app/cli.py may import any module, and none imports it but
+# app/__main__.py (``python -m app``).
+CLI_IMPORTERS = {"app/cli.py", "app/__main__.py"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        path
+        for path in sorted(APP.rglob("*.py"))
+        if path.relative_to(APP.parent).as_posix() not in CLI_IMPORTERS
+    ],
+    ids=module_name,
+)
+def test_nothing_imports_the_cli(path: Path) -> None:
+    bad = {name for name in imported_names(path) if within(name, "app.cli")}
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+def test_the_exceptions_stay_exact() -> None:
+    # Each name an exception allows is still imported: one no longer needed goes.
+    exceptions = {**TRANSPORT_AGENTS_ALLOWED, **AGENTS_ENGINE_ALLOWED}
+    for relative, allowed in exceptions.items():
+        unused = allowed - imported_names(APP.parent / relative)
+        assert not unused, f"{relative} no longer imports {sorted(unused)}"

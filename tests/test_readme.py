@@ -29,7 +29,7 @@ import pytest
 
 from app.agents.openai import default_tools
 from app.cli import build_parser
-from app.config import ENV_PREFIX, Settings
+from app.config import ENV_PREFIX, SERVER, settings_table, settings_tables
 from tests.conftest import Spawned
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -197,18 +197,19 @@ def table_rows(text: str) -> list[list[str]]:
     return rows
 
 
-def test_the_settings_table_matches_the_flags_variables_and_defaults() -> None:
-    flags: dict[str, str] = build_parser().parse_args(["serve"]).setting_flags
-    setting_of = {flag: name for name, flag in flags.items()}
-    for flag, variable, default, _ in table_rows(sections()["Run the server"]):
-        name = setting_of[flag.strip("`").split()[0]]
-        variable = variable.split()[0].strip("`")
-        unitless = f"{ENV_PREFIX}{name.removesuffix('_s').upper()}"
-        assert variable in (f"{ENV_PREFIX}{name.upper()}", unitless), (flag, variable)
-        value = Settings.model_fields[name].default
-        if value not in (None, ()):  # `static/` is the bundled page; no module by default
-            written = default.strip("`")
-            assert written == str(value) or Path(written) == value, (flag, default, value)
+@pytest.mark.parametrize(
+    ("path", "groups"), [(README, [SERVER]), (README.parent / "docs" / "operations.md", None)]
+)
+def test_the_settings_table_is_the_one_generated_from_the_settings(
+    path: Path, groups: list[str] | None
+) -> None:
+    """The settings tables are generated from app/config.py; a setting added, renamed or
+    redescribed there without rewriting them fails here."""
+    text = path.read_text(encoding="utf-8")
+    assert settings_tables(text) == [settings_table(groups)], (
+        f"{path.name}'s settings table differs from app/config.py's settings: "
+        f"run python -m app.config {path.relative_to(README.parent)}"
+    )
 
 
 def test_every_limit_in_the_security_tables_is_a_flag() -> None:

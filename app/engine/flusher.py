@@ -8,12 +8,16 @@ failed write leaves the runs dirty; the next flush retries, after a backoff.
 ``run()`` ends only when cancelled, or with an error that is not a ``StoreError`` (a bug):
 its owner (the manager) then restarts it. ``store_degraded`` says whether writes are
 failing right now; ``last_error`` is the last failure's text, for the log only.
+``failures`` counts failed writes, and ``on_flush`` (if set) is told each good write's
+duration and events: what monitoring reads, a few integers per flush, none per event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from app.engine.run import LiveRun
@@ -42,6 +46,9 @@ class Flusher:
         # True from a failed flush (or the loop's restart, set by its owner) to a good one.
         self.store_degraded = False
         self.flushes = 0
+        self.failures = 0  # writes that failed, over the flusher's life
+        # Told (seconds, events) after each write that succeeded.
+        self.on_flush: Callable[[float, int], None] | None = None
 
     def mark_dirty(self, run: LiveRun) -> None:
         self._dirty[run.run_id] = run
@@ -59,6 +66,7 @@ class Flusher:
             if not runs:
                 self.store_degraded = False
                 return 0
+            began = time.perf_counter()
             try:
                 batch = [run.unflushed() for run in runs]
                 await self.store.write(batch)
@@ -67,11 +75,15 @@ class Flusher:
                     self._dirty.setdefault(run.run_id, run)
                 if isinstance(exc, Exception):
                     self.store_degraded = True
+                    self.failures += 1
                 raise
+            took_s = time.perf_counter() - began
             for run, item in zip(runs, batch, strict=True):
                 run.mark_flushed(item.record.last_index)
             self.flushes += 1
             self.store_degraded = False
+            if self.on_flush is not None:
+                self.on_flush(took_s, sum(len(item.events) for item in batch))
             return len(runs)
 
     async def commit(self, run: LiveRun) -> None:

@@ -100,6 +100,20 @@ class Page:
     next: Key | None
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    """The engine's counts at one moment, for monitoring. Totals are over the manager's
+    life: runs ``started`` per agent, ``ended`` per terminal status, events appended,
+    writes of the flusher that failed."""
+
+    live_runs: int
+    runs_in_memory: int
+    started: dict[str, int]
+    ended: dict[str, int]
+    events_appended: int
+    store_errors: int
+
+
 class RunManager:
     """Every live run, the thread each belongs to, and their lifecycles."""
 
@@ -120,6 +134,9 @@ class RunManager:
         )
         self.runs: dict[str, LiveRun] = {}
         self._live_runs = 0  # runs created and not ended (queued included)
+        # For monitoring, over the manager's life: runs started per agent, ended per status.
+        self._started: collections.Counter[str] = collections.Counter()
+        self._ended: collections.Counter[str] = collections.Counter()
         self._active: dict[str, str] = {}  # thread_id -> run_id of its active run
         self._queues: dict[str, collections.deque[LiveRun]] = {}  # queued runs per thread
         self._revisions: dict[str, int] = {}  # last known revision per thread
@@ -172,6 +189,17 @@ class RunManager:
     def live_runs(self) -> int:
         """Runs created and not ended, queued ones included: O(1)."""
         return self._live_runs
+
+    def statistics(self) -> EngineStatistics:
+        """The engine's counts now: O(agents + statuses), nothing counted per event."""
+        return EngineStatistics(
+            live_runs=self._live_runs,
+            runs_in_memory=len(self.runs),
+            started=dict(self._started),
+            ended=dict(self._ended),
+            events_appended=self.retention.backlog.appended,
+            store_errors=self.flusher.failures,
+        )
 
     async def _recover(self) -> None:
         """End every run the store still holds as live: interrupted (crash), new epoch,
@@ -552,6 +580,7 @@ class RunManager:
             assert agent is not None
             run.mark_flushed(0)
             self.runs[run.run_id] = run
+            self._started[run.agent] += 1
             if run.go is None:  # decided on an idle thread: it starts now, turns written
                 self._active[thread_id] = run.run_id
             else:
@@ -1007,6 +1036,7 @@ class RunManager:
         await self.flusher.commit(run)
         run.publish_staged()
         self._live_runs -= 1
+        self._ended[data["status"]] += 1
         # Ended and all on disk: while it lingers it keeps only a short tail, as a run read
         # back does; memory holds what is live (1,000 ended runs of 10,000 events lingering
         # 2 s each left the process at 241 MiB RSS after eviction, against 45 idle).

@@ -45,12 +45,21 @@ def setting_default(name: str) -> Any:
 
 class Backlog:
     """Events appended to a run but not yet on disk, summed over every run that shares it
-    (the runs of one manager): one budget for the whole server, kept O(1) per append."""
+    (the runs of one manager): one budget for the whole server, kept O(1) per append.
 
-    __slots__ = ("events",)
+    ``written`` counts the events that left the backlog for the disk, so that every event
+    ever appended is ``appended`` (one or the other) with nothing added per append."""
+
+    __slots__ = ("events", "written")
 
     def __init__(self) -> None:
         self.events = 0
+        self.written = 0
+
+    @property
+    def appended(self) -> int:
+        """Events appended (a staged terminal event included) over the backlog's life."""
+        return self.events + self.written
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +473,7 @@ class LiveRun:
         log to its tail (only events on disk leave memory)."""
         if index > self.flushed_index:
             self._backlog.events -= index - self.flushed_index
+            self._backlog.written += index - self.flushed_index
             self.flushed_index = index
         self.record_flushed = True
         if self.keyframes and self.keyframes[0][0] <= self.flushed_index:

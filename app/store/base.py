@@ -149,6 +149,11 @@ class Store(Protocol):
         """Integrity problems of the stored data, as sentences; empty when clean."""
         ...
 
+    async def vacuum(self) -> tuple[int, int]:
+        """Reclaim the space deletes left (``runcast db vacuum``): the size in bytes
+        before and after."""
+        ...
+
     async def live_runs(self) -> list[RunRecord]:
         """Runs whose stored status is not terminal (at start: those the crash cut off)."""
         ...

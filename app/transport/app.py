@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.resources
 import importlib.util
 import logging
 import os
@@ -34,14 +35,26 @@ from app.agents.registry import Registry, default_registry
 from app.config import Settings
 from app.engine.manager import EngineSettings, RunManager
 from app.errors import RuncastError
-from app.store.sqlite import SqliteStore
+from app.store import open_store
+from app.store.base import Store
 from app.transport import http
 from app.transport.edge import Edge, redact_logs
+from app.transport.metrics import Metrics, Tally, metrics_endpoint
 from app.transport.ws import Session
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
+
+def _find_static_dir() -> Path:
+    """The page: app/static/ in an installed package (pyproject.toml ships the source
+    tree's static/ there), else static/ at the top of the source tree."""
+    installed = importlib.resources.files("app") / "static"
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent.parent / "static"
+
+
+STATIC_DIR = _find_static_dir()
 
 _FALLBACK_PAGE = "<!doctype html><title>runcast</title><p>runcast is up.</p>"
 
@@ -50,12 +63,14 @@ ACCESS_CHECK_INTERVAL_S = 1.0
 
 
 class Runtime:
-    """What the app holds while it runs: settings, the manager, the open sessions."""
+    """What the app holds while it runs: settings, the manager, the open sessions, and
+    what monitoring reads of them."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, store: Store | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.store = SqliteStore(settings.db)
+        # ``store``: a store of its own (a PostgreSQL one) instead of the one settings.db names.
+        self.store = store if store is not None else open_store(settings.db)
         self.manager = RunManager(
             self.store,
             registry,
@@ -65,6 +80,8 @@ class Runtime:
             ),
         )
         self.sessions: set[Session] = set()
+        self.tally = Tally()
+        self.metrics = Metrics(self)
         self._shut_down = False
         self.ready = asyncio.Event()
         # Server tokens are read now, so that a bad token file stops the start at once.
@@ -234,8 +251,11 @@ def _broken_agent_module(spec: str, origin: str | None, exc: Exception) -> Impor
     return ImportError(f"cannot load agent module {spec}: {where}{error}", name=spec, path=origin)
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> Starlette:
-    """Build the ASGI app for ``settings``; the store opens in its lifespan."""
+def create_app(
+    settings: Settings, registry: Registry | None = None, store: Store | None = None
+) -> Starlette:
+    """Build the ASGI app for ``settings`` (and ``store``, if given: else the one
+    ``settings.db`` names); the store opens in its lifespan."""
     if registry is None:
         registry = default_registry
         if "demo" not in registry:
@@ -245,7 +265,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
 
             register_openai(registry, settings)
         load_agent_modules(registry, settings.agents)
-    runtime = Runtime(settings, registry)
+    runtime = Runtime(settings, registry, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -257,7 +277,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
         session = Session(
-            websocket, runtime.manager, websocket.scope["runcast.principal"], settings
+            websocket,
+            runtime.manager,
+            websocket.scope["runcast.principal"],
+            settings,
+            tally=runtime.tally,
         )
         runtime.sessions.add(session)
         try:
@@ -268,6 +292,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
     static_dir = settings.static_dir or STATIC_DIR
     routes: list[Route | WebSocketRoute | Mount] = [
         *http.routes,
+        Route("/metrics", metrics_endpoint),
         WebSocketRoute("/ws", websocket_endpoint),
     ]
     if static_dir.is_dir():
@@ -298,5 +323,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
         rate=settings.rate,
         rate_burst=settings.rate_burst,
         max_connections_per_address=settings.max_connections_per_address,
+        metrics_public=settings.metrics_public,
+        tally=runtime.tally,
     )
     return app

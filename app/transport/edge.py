@@ -7,7 +7,8 @@ One small ASGI layer, its settings in its constructor (PROTOCOL.md §8), in this
    that is neither the server's own nor allowed is refused), and CORS for allowed ones;
 3. the request rate per client address (HTTP) and connections per address (WebSocket);
 4. the token: a Principal, put in the scope as ``runcast.principal`` for the routes, or
-   a refusal (401 / close 1008) where one is needed.
+   a refusal (401 / close 1008) where one is needed: everywhere but the health check, the
+   page, and ``/metrics`` when ``metrics_public``.
 
 Refusals of a handshake: a foreign origin or host gets HTTP 403 and never an open socket;
 a missing token or too many connections is accepted and closed at once with 1008 and a
@@ -37,6 +38,7 @@ from app.errors import (
     TooManyConnectionsError,
     UnauthorizedError,
 )
+from app.transport.metrics import Tally
 from app.transport.wire import HTTP_STATUS
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class Edge:
         rate: float,
         rate_burst: int,
         max_connections_per_address: int,
+        metrics_public: bool = False,
+        tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
@@ -113,6 +117,8 @@ class Edge:
         self.rate = rate
         self.rate_burst = rate_burst
         self.max_connections_per_address = max_connections_per_address
+        self.metrics_public = metrics_public
+        self.tally = tally or Tally()  # requests refused for their rate, for /metrics
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self.connections: dict[str, int] = {}
@@ -148,7 +154,7 @@ class Edge:
             if not websocket:
                 self._take(address)
             principal = self.authenticate(presented_token(scope, headers))
-            if principal is None and not _public(path, method, websocket):
+            if principal is None and not self._public(path, method, websocket):
                 raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
         except RuncastError as exc:
             if websocket:
@@ -202,7 +208,15 @@ class Edge:
             bucket = self._buckets[address] = TokenBucket(self.rate, self.rate_burst, now)
         wait_s = bucket.take(now)
         if wait_s:
+            self.tally.rate_limited_requests += 1
             raise RateLimitedError(wait_s)
+
+    def _public(self, path: str, method: str, websocket: bool) -> bool:
+        """What needs no token: the health check, the page and its static files, and the
+        metrics when ``metrics_public``."""
+        if path == "/metrics" and self.metrics_public and not websocket:
+            return method in ("GET", "HEAD")
+        return _public(path, method, websocket)
 
     @staticmethod
     async def _deny(scope: Scope, send: Send, error: RuncastError, cors: str | None = None) -> None:

@@ -31,6 +31,8 @@ class Event(_Frame):
 
 
 class RunInfo(_Frame):
+    """A run: its thread, agent, status, epoch and last index, its watchers and title."""
+
     run_id: str
     thread_id: str
     agent: str
@@ -45,6 +47,8 @@ class RunInfo(_Frame):
 
 
 class Turn(_Frame):
+    """One message of a thread's tree of turns."""
+
     turn_id: str
     parent_id: str | None
     role: Literal["user", "assistant"]
@@ -55,6 +59,8 @@ class Turn(_Frame):
 
 
 class ThreadInfo(_Frame):
+    """A thread: its revision, head and active run (PROTOCOL.md §10)."""
+
     thread_id: str
     revision: int = Field(ge=0)
     head: str | None
@@ -77,6 +83,8 @@ class Error(BaseModel):
 
 
 class Snapshot(_Frame):
+    """The state of a run folded up to ``index`` (PROTOCOL.md §2)."""
+
     run_id: str
     index: int = Field(ge=0)
     epoch: str
@@ -154,3 +162,124 @@ SERVER_FRAMES: tuple[type[_Frame], ...] = (
     ThreadFrame,
     DeletedFrame,
 )
+
+
+# -- answers of the HTTP API (PROTOCOL.md §8) ---------------------------------------------
+# What the routes of ``app.transport.http`` answer, for the OpenAPI document; the tests
+# validate real answers of a live server against them.
+
+
+class Health(_Frame):
+    """``GET /api/health``: the mode and the store's state (503 while it is degraded)."""
+
+    ok: bool
+    server: str
+    auth: Literal["open", "token"]
+    store: Literal["ok", "degraded"]
+    runs_in_memory: int = Field(ge=0)
+    connections: int = Field(ge=0)
+
+
+class AgentInfo(_Frame):
+    """A registered agent."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any] = Field(description="the JSON Schema of the agent's input")
+
+
+class Agents(_Frame):
+    """Every registered agent."""
+
+    agents: list[AgentInfo]
+
+
+class RunPage(_Frame):
+    """A page of runs, newest first; ``next_cursor`` asks for the next one (null: the
+    last page)."""
+
+    runs: list[RunInfo]
+    next_cursor: str | None
+
+
+class ThreadPage(_Frame):
+    """A page of threads, newest first; ``next_cursor`` asks for the next one (null: the
+    last page)."""
+
+    threads: list[ThreadInfo]
+    next_cursor: str | None
+
+
+class EventsPage(_Frame):
+    """The events after a cursor, with the run's last index, status and epoch."""
+
+    last_index: int = Field(ge=0)
+    status: Status
+    epoch: str
+    events: list[Event]
+
+
+class Stopping(_Frame):
+    """Whether the run is being stopped, and its status at the time of asking."""
+
+    stopping: bool
+    status: Status
+
+
+class Answered(_Frame):
+    """``{}``: the input request was answered."""
+
+
+class Deleted(_Frame):
+    """``{"deleted": true}``: it is erased for good."""
+
+    deleted: Literal[True]
+
+
+class Revoked(_Frame):
+    """``{"revoked": true}``."""
+
+    revoked: Literal[True]
+
+
+class ThreadChanged(_Frame):
+    """A thread operation's result: the thread with its turns, and the run it started."""
+
+    thread: ThreadInfo
+    run: RunInfo | None
+
+
+class Share(_Frame):
+    """A new share: its token (shown once) and the page's link that carries it."""
+
+    share_id: str
+    token: str
+    role: Literal["viewer", "operator"]
+    expires_at: float
+    url: str
+
+
+class ErrorBody(_Frame):
+    """Every error answer of the HTTP API."""
+
+    error: Error
+
+
+class OpenApiDocument(BaseModel):
+    """An OpenAPI 3.1 document."""
+
+    model_config = ConfigDict(extra="allow")
+
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
+
+
+class AsyncApiDocument(BaseModel):
+    """An AsyncAPI 3 document."""
+
+    model_config = ConfigDict(extra="allow")
+
+    asyncapi: str
+    info: dict[str, Any]
+    channels: dict[str, Any]

@@ -7,11 +7,12 @@ and reaches runs and threads only through it (``app.transport.gate``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,9 +35,10 @@ from app.errors import (
     StoreError,
 )
 from app.store.base import Key, RunQuery
-from app.transport import wire
+from app.transport import frames, wire
+from app.transport.asyncapi import asyncapi_document
 from app.transport.gate import Gate
-from app.transport.openapi import openapi_document
+from app.transport.openapi import ApiRoute, Operation, Param, openapi_document
 from app.transport.sse import event_stream
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,12 @@ async def handle_runcast_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "bad_request"}.get(exc.status_code, "internal")
-    return Json({"error": {"code": code, "message": exc.detail}}, status_code=exc.status_code)
+    # Its headers too: a 405 says what the route allows (Allow, RFC 9110).
+    return Json(
+        {"error": {"code": code, "message": exc.detail}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
@@ -172,6 +179,8 @@ async def health(request: Request) -> Response:
 
 
 async def agents(request: Request, gate: Gate) -> Response:
+    """Every registered agent: its name, its description and the JSON Schema of its
+    input."""
     gate.server(Action.READ)
     return Json(
         {"agents": [agent.describe() for agent in request.app.state.runtime.registry.all()]}
@@ -179,6 +188,8 @@ async def agents(request: Request, gate: Gate) -> Response:
 
 
 async def create_run(request: Request, gate: Gate) -> Response:
+    """Start a run of ``agent`` on ``input``, in a new thread or in ``thread_id`` (by its
+    ``multitask``). Subscribes no one: follow it by SSE, pages of events or ``/ws``."""
     body = wire.parse_model(wire.StartRunBody, await _body(request), "body")
     gate.start_in(body.thread_id)
     _check_input(request, body.input)
@@ -280,6 +291,7 @@ async def list_threads(request: Request, gate: Gate) -> Response:
 
 
 async def get_run(request: Request, gate: Gate) -> Response:
+    """The run's RunInfo, live or read back from the store."""
     run = await gate.run(request.path_params["run_id"], Action.READ)
     return Json(run.info())
 
@@ -300,12 +312,16 @@ async def delete_run(request: Request, gate: Gate) -> Response:
 
 
 async def get_snapshot(request: Request, gate: Gate) -> Response:
+    """The run's snapshot at index ``at`` (default: its last index)."""
     run = await gate.run(request.path_params["run_id"], Action.READ)
     at = _int_param(request, "at", None)
     return Json(await run.snapshot_frame(at))
 
 
 async def get_events(request: Request, gate: Gate) -> Response:
+    """At most ``limit`` events after ``after``, with the run's last index, status and
+    epoch; with ``Accept: text/event-stream``, an SSE stream of them until the run ends
+    (resumed by ``Last-Event-ID``)."""
     run = await gate.run(request.path_params["run_id"], Action.READ)
     after = _int_param(request, "after", 0)
     assert after is not None
@@ -335,6 +351,8 @@ async def get_events(request: Request, gate: Gate) -> Response:
 
 
 async def stop_run(request: Request, gate: Gate) -> Response:
+    """Ask the run to stop. Stopping an ended run is not an error: ``stopping`` is
+    false."""
     run = await gate.run(request.path_params["run_id"], Action.STOP)
     # Who asked: the token's name (never its secret); in open mode, just "http".
     by = "http" if gate.principal is OPEN else gate.principal.id
@@ -342,6 +360,7 @@ async def stop_run(request: Request, gate: Gate) -> Response:
 
 
 async def respond(request: Request, gate: Gate) -> Response:
+    """Answer the run's pending input request ``request_id`` with ``value``."""
     run = await gate.run(request.path_params["run_id"], Action.RESPOND)
     body = wire.parse_model(wire.RespondBody, await _body(request), "body")
     _manager(request).respond(run, body.request_id, body.value)
@@ -349,6 +368,7 @@ async def respond(request: Request, gate: Gate) -> Response:
 
 
 async def create_thread(request: Request, gate: Gate) -> Response:
+    """A new empty thread."""
     gate.server(Action.CREATE)
     body = wire.parse_model(wire.CreateThreadBody, await _body(request), "body")
     manager = _manager(request)
@@ -357,6 +377,8 @@ async def create_thread(request: Request, gate: Gate) -> Response:
 
 
 async def get_thread(request: Request, gate: Gate) -> Response:
+    """The thread's ThreadInfo with ``turns``: its active path, or every turn with
+    ``all``."""
     thread = await gate.thread(request.path_params["thread_id"], Action.READ)
     all_turns = request.query_params.get("all", "").lower() in ("1", "true", "yes")
     return Json(await _manager(request).thread_view(thread, all_turns=all_turns))
@@ -382,7 +404,8 @@ async def delete_thread(request: Request, gate: Gate) -> Response:
 
 
 async def change_thread(request: Request, gate: Gate) -> Response:
-    """POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo,aside} (§6)."""
+    """``POST /api/threads/{id}/{messages,rewind,edit,regenerate,undo,aside}``: a thread
+    operation (PROTOCOL.md §10), on disk when answered, with the run it started."""
     thread_id = request.path_params["thread_id"]
     action = request.path_params["action"]
     gate.thread_id(thread_id, Action.CHANGE)
@@ -411,16 +434,20 @@ async def _share(request: Request, gate: Gate, scope: Scope) -> Response:
 
 
 async def share_run(request: Request, gate: Gate) -> Response:
+    """A share of the run: a token that reaches this run only (PROTOCOL.md §13)."""
     run = await gate.run(request.path_params["run_id"], Action.SHARE)
     return await _share(request, gate, Scope("run", run.run_id))
 
 
 async def share_thread(request: Request, gate: Gate) -> Response:
+    """A share of the thread: a token that reaches the thread, its turns and its runs."""
     thread = await gate.thread(request.path_params["thread_id"], Action.SHARE)
     return await _share(request, gate, Scope("thread", thread.thread_id))
 
 
 async def revoke_share(request: Request, gate: Gate) -> Response:
+    """Revoke a share (its creator or an admin): its token, and every share made with it,
+    stop working, and their connections close."""
     shares = _shares(request)
     share = await shares.get(request.path_params["share_id"])
     gate.allow(Action.REVOKE, Resource.share(share.share_id, share.created_by))
@@ -430,35 +457,264 @@ async def revoke_share(request: Request, gate: Gate) -> Response:
 
 
 async def openapi(request: Request, gate: Gate) -> Response:
+    """This document: generated from the route table and the models."""
     gate.server(Action.READ)
-    return Json(openapi_document(__version__))
+    return Json(_openapi())
+
+
+async def asyncapi(request: Request, gate: Gate) -> Response:
+    """The AsyncAPI 3 document of ``/ws``: every op, its reply and every server frame."""
+    gate.server(Action.READ)
+    return Json(_asyncapi())
+
+
+@functools.cache
+def _openapi() -> dict[str, Any]:
+    return openapi_document(__version__, routes)
+
+
+@functools.cache
+def _asyncapi() -> dict[str, Any]:
+    return asyncapi_document(__version__)
 
 
 async def not_found(request: Request) -> Response:
     raise NotFoundError(f"no route {request.url.path}")
 
 
-routes = [
-    Route("/api/health", health),
-    Route("/api/agents", guarded(agents)),
-    Route("/api/runs", guarded(create_run), methods=["POST"]),
-    Route("/api/runs", guarded(list_runs), methods=["GET"]),
-    Route("/api/runs/{run_id}", guarded(get_run)),
-    Route("/api/runs/{run_id}", guarded(patch_run), methods=["PATCH"]),
-    Route("/api/runs/{run_id}", guarded(delete_run), methods=["DELETE"]),
-    Route("/api/runs/{run_id}/snapshot", guarded(get_snapshot)),
-    Route("/api/runs/{run_id}/events", guarded(get_events)),
-    Route("/api/runs/{run_id}/stop", guarded(stop_run), methods=["POST"]),
-    Route("/api/runs/{run_id}/respond", guarded(respond), methods=["POST"]),
-    Route("/api/runs/{run_id}/share", guarded(share_run), methods=["POST"]),
-    Route("/api/threads", guarded(create_thread), methods=["POST"]),
-    Route("/api/threads", guarded(list_threads), methods=["GET"]),
-    Route("/api/threads/{thread_id}", guarded(get_thread)),
-    Route("/api/threads/{thread_id}", guarded(patch_thread), methods=["PATCH"]),
-    Route("/api/threads/{thread_id}", guarded(delete_thread), methods=["DELETE"]),
-    Route("/api/threads/{thread_id}/share", guarded(share_thread), methods=["POST"]),
-    Route("/api/threads/{thread_id}/{action}", guarded(change_thread), methods=["POST"]),
-    Route("/api/shares/{share_id}", guarded(revoke_share), methods=["DELETE"]),
-    Route("/api/openapi.json", guarded(openapi)),
+# -- the route table ----------------------------------------------------------------------
+# Each route of the API with what the OpenAPI document says of it (app/transport/openapi.py
+# builds the document from this table alone).
+
+_COUNT: Final = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}  # ASCII digits
+_LISTING: Final = (
+    Param("limit", {**_COUNT, "minimum": 1, "default": 50}, "page size; above 1,000: 1,000"),
+    Param("cursor", {"type": "string"}, "the next_cursor of the page before"),
+    Param(
+        "metadata.KEY",
+        {"type": "string"},
+        "only items whose metadata KEY is this string; repeatable (all must match)",
+    ),
+)
+_THREAD_EXAMPLES: Final[dict[str, JsonObject]] = {
+    "messages": {"content": "What is runcast?", "agent": "echo"},
+    "rewind": {"turn_id": None},
+    "edit": {"turn_id": "turn_EDDZzmWTvOIlSZiru9gzFA", "content": "What is it for?"},
+    "regenerate": {"agent": "echo", "multitask": "interrupt"},
+    "undo": {"expected_revision": 3},
+    "aside": {"content": "Critique the answer above", "agent": "echo"},
+}
+_SHARE: Final = {"role": "viewer", "expires_in": 3600}
+_THREAD_OPERATIONS: Final = {
+    "messages": "Send a user turn; a new run answers it",
+    "rewind": "Move the head to a turn (null: before the first)",
+    "edit": "Edit a user turn as a new sibling; a new run answers it, unless run is false",
+    "regenerate": "Answer the last user turn again with a new run",
+    "undo": "Move the head before the last user turn",
+    "aside": "A side run on a branch of its own; the head does not move",
+}
+
+routes: list[Route] = [
+    ApiRoute(
+        "GET",
+        "/api/health",
+        health,
+        Operation(
+            "The server's mode and its store's state",
+            frames.Health,
+            also={503: frames.Health},
+            open=True,
+        ),
+    ),
+    ApiRoute("GET", "/api/agents", guarded(agents), Operation("Registered agents", frames.Agents)),
+    ApiRoute(
+        "POST",
+        "/api/runs",
+        guarded(create_run),
+        Operation(
+            "Start a run",
+            frames.RunInfo,
+            201,
+            body=wire.StartRunBody,
+            errors=("unknown_agent", "not_found", "run_in_progress", "overloaded"),
+            example={"agent": "counter", "input": {"n": 3}, "metadata": {"project": "docs"}},
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/runs",
+        guarded(list_runs),
+        Operation(
+            "List runs, newest first",
+            frames.RunPage,
+            params=(
+                Param("status", {"type": "string"}, "only runs of this status"),
+                Param("thread_id", {"type": "string"}, "only runs of this thread"),
+                Param("agent", {"type": "string"}, "only runs of this agent"),
+                *_LISTING,
+            ),
+        ),
+    ),
+    ApiRoute("GET", "/api/runs/{run_id}", guarded(get_run), Operation("A run", frames.RunInfo)),
+    ApiRoute(
+        "PATCH",
+        "/api/runs/{run_id}",
+        guarded(patch_run),
+        Operation(
+            "Change a run's title and metadata (a JSON Merge Patch)",
+            frames.RunInfo,
+            body=wire.PatchRunBody,
+            example={"title": "A short count", "metadata": {"project": None}},
+        ),
+    ),
+    ApiRoute(
+        "DELETE",
+        "/api/runs/{run_id}",
+        guarded(delete_run),
+        Operation("Delete an ended run for good", frames.Deleted, errors=("run_in_progress",)),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/runs/{run_id}/snapshot",
+        guarded(get_snapshot),
+        Operation(
+            "A run's snapshot at an index",
+            frames.Snapshot,
+            params=(Param("at", _COUNT, "the index (default: the last)"),),
+            errors=("cursor_out_of_range",),
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/runs/{run_id}/events",
+        guarded(get_events),
+        Operation(
+            "A run's events after a cursor: a page, or an SSE stream",
+            frames.EventsPage,
+            params=(
+                Param("after", {**_COUNT, "default": 0}, "the cursor: the last index seen"),
+                Param("limit", {**_COUNT, "minimum": 1, "default": 1000}, "above 10,000: 10,000"),
+                Param(
+                    "Last-Event-ID",
+                    _COUNT,
+                    "with Accept: text/event-stream, the cursor to resume after",
+                    "header",
+                ),
+            ),
+            errors=("cursor_out_of_range",),
+            stream="Server-Sent Events (PROTOCOL.md §9): each event with its index as id",
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/runs/{run_id}/stop",
+        guarded(stop_run),
+        Operation("Stop a run", frames.Stopping),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/runs/{run_id}/respond",
+        guarded(respond),
+        Operation(
+            "Answer a run's input request",
+            frames.Answered,
+            body=wire.RespondBody,
+            errors=("not_waiting",),
+            example={"request_id": "req_kX2VJqgZ0m6M8aYpVq3w1Q", "value": "yes"},
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/runs/{run_id}/share",
+        guarded(share_run),
+        Operation("Share a run", frames.Share, 201, body=wire.ShareBody, example=_SHARE),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/threads",
+        guarded(create_thread),
+        Operation(
+            "Create a thread",
+            frames.ThreadInfo,
+            201,
+            body=wire.CreateThreadBody,
+            example={"title": "Questions about runcast", "metadata": {"project": "docs"}},
+        ),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/threads",
+        guarded(list_threads),
+        Operation("List threads, newest first", frames.ThreadPage, params=_LISTING),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/threads/{thread_id}",
+        guarded(get_thread),
+        Operation(
+            "A thread with its turns",
+            frames.ThreadInfo,
+            params=(Param("all", {"type": "boolean"}, "every turn of the tree"),),
+        ),
+    ),
+    ApiRoute(
+        "PATCH",
+        "/api/threads/{thread_id}",
+        guarded(patch_thread),
+        Operation(
+            "Change a thread's title and metadata (one revision)",
+            frames.ThreadInfo,
+            body=wire.PatchThreadBody,
+            errors=("conflict",),
+            example={"title": "Renamed", "expected_revision": 2},
+        ),
+    ),
+    ApiRoute(
+        "DELETE",
+        "/api/threads/{thread_id}",
+        guarded(delete_thread),
+        Operation(
+            "Delete a thread with its turns and runs, for good",
+            frames.Deleted,
+            errors=("run_in_progress",),
+        ),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/threads/{thread_id}/share",
+        guarded(share_thread),
+        Operation("Share a thread", frames.Share, 201, body=wire.ShareBody, example=_SHARE),
+    ),
+    ApiRoute(
+        "POST",
+        "/api/threads/{thread_id}/{action}",
+        guarded(change_thread),
+        Operation(
+            "Thread operation",
+            frames.ThreadChanged,
+            errors=("conflict", "run_in_progress", "unknown_agent", "overloaded"),
+            bodies=("action", wire.THREAD_BODIES),
+            summaries=_THREAD_OPERATIONS,
+            examples=_THREAD_EXAMPLES,
+        ),
+    ),
+    ApiRoute(
+        "DELETE",
+        "/api/shares/{share_id}",
+        guarded(revoke_share),
+        Operation("Revoke a share", frames.Revoked),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/openapi.json",
+        guarded(openapi),
+        Operation("The OpenAPI document of this API", frames.OpenApiDocument),
+    ),
+    ApiRoute(
+        "GET",
+        "/api/asyncapi.json",
+        guarded(asyncapi),
+        Operation("The AsyncAPI document of /ws", frames.AsyncApiDocument),
+    ),
     Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
 ]

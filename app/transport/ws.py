@@ -40,6 +40,7 @@ from app.errors import (
 from app.transport import wire
 from app.transport.edge import SUBPROTOCOL
 from app.transport.gate import Gate
+from app.transport.metrics import Tally
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,16 @@ class Session:
     """One client connection: ops in, frames out."""
 
     def __init__(
-        self, websocket: WebSocket, manager: RunManager, principal: Principal, settings: Settings
+        self,
+        websocket: WebSocket,
+        manager: RunManager,
+        principal: Principal,
+        settings: Settings,
+        *,
+        tally: Tally | None = None,
     ) -> None:
         self.websocket = websocket
+        self.tally = tally or Tally()  # shared by the app's sessions, for /metrics
         self.manager = manager
         self.principal = principal
         self.gate = Gate(principal, manager)
@@ -91,6 +99,11 @@ class Session:
         self._group: asyncio.TaskGroup | None = None
         self._receiving: asyncio.Task[None] | None = None
         self._gone = False
+
+    @property
+    def subscriptions(self) -> int:
+        """Runs this connection is subscribed to now."""
+        return len(self._subscriptions)
 
     # -- the connection -----------------------------------------------------------------
 
@@ -150,6 +163,7 @@ class Session:
                 continue
             wait_s = self._bucket.take(time.monotonic())
             if wait_s:
+                self.tally.rate_limited_ops += 1
                 await self._send(wire.reply_error(_ref_of(data), RateLimitedError(wait_s)))
                 continue
             await self._handle(data)
@@ -392,6 +406,7 @@ class Session:
                 if events:
                     await self._send(wire.events_frame(run.run_id, run.epoch, events))
                     subscription.cursor = events[-1].index
+                    self.tally.events_delivered += len(events)  # per frame, not per event
                     continue
                 if run.deleted:
                     continue

@@ -202,6 +202,11 @@ async def _page(w: World, who: str) -> list[Ask]:
     return [Ask("GET", "/", "public", 200), Ask("GET", "/index.html", "public", 200)]
 
 
+async def _metrics(w: World, who: str) -> list[Ask]:
+    # Server-wide counts: any server token, never a share (it reaches its run or thread).
+    return [Ask("GET", "/metrics", "the server's metrics", 200)]
+
+
 def _server_read(path: str) -> Build:
     async def build(w: World, who: str) -> list[Ask]:
         return [Ask("GET", path, "the server (read)", 200)]
@@ -356,6 +361,8 @@ def http_table() -> dict[tuple[str, str], tuple[Role | None, Build]]:
         ("GET", "/api/health"): (None, _health),
         ("GET", "/api/agents"): (Role.VIEWER, _server_read("/api/agents")),
         ("GET", "/api/openapi.json"): (Role.VIEWER, _server_read("/api/openapi.json")),
+        ("GET", "/api/asyncapi.json"): (Role.VIEWER, _server_read("/api/asyncapi.json")),
+        ("GET", "/metrics"): (Role.VIEWER, _metrics),
         ("GET", "/api/runs"): (Role.VIEWER, _server_read("/api/runs")),
         ("POST", "/api/runs"): (Role.OPERATOR, _start),
         ("GET", "/api/runs/{run_id}"): (Role.VIEWER, _run_route("")),
