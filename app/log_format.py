@@ -70,4 +70,5 @@ def configure_logging(
         logger = logging.getLogger(name)
         for old in logger.handlers[:]:
             logger.removeHandler(old)
+        logger.setLevel(logging.NOTSET)  # the root's level rules, whatever was set before
         logger.propagate = True
