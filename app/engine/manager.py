@@ -16,23 +16,21 @@ import functools
 import inspect
 import logging
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from app.core import events as ev
 from app.core import snapshot
-from app.core import turns as turns_
 from app.core.events import JsonObject, RunStatus
-from app.core.ids import new_epoch, new_run_id, new_thread_id, new_turn_id
+from app.core.ids import new_epoch, new_run_id, new_thread_id
 from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.flusher import Flusher
-from app.engine.records import RecordPatch, check_metadata
+from app.engine.records import RecordPatch
 from app.engine.run import LiveRun, Retention, setting_default
+from app.engine.threads import ThreadChange, ThreadOperations, materialize
 from app.errors import (
     AgentError,
-    BadRequestError,
     ConflictError,
     NotFoundError,
     NotWaitingError,
@@ -44,9 +42,6 @@ from app.store.base import Key, RunQuery, RunRecord, RunWrite, Store, ThreadReco
 
 logger = logging.getLogger(__name__)
 
-ThreadListener = Callable[[JsonObject], None]
-
-MULTITASK_STRATEGIES = ("reject", "interrupt", "enqueue", "rollback")
 REVIVED_TAIL = 100  # events read back into memory with a run that was not there
 FLUSHER_RESTART_MIN_S = 0.1  # backoff before restarting a failed flusher loop, doubling
 FLUSHER_RESTART_MAX_S = 5.0
@@ -74,24 +69,6 @@ class EngineSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ThreadChange:
-    """One thread operation: ``kind`` is one of ``turns.OPERATIONS``. ``run`` false: an
-    ``edit`` saved without a run. ``title`` and ``metadata``: those of the run it starts
-    (``start``)."""
-
-    kind: str
-    agent: str | None = None
-    input: JsonObject | None = None
-    content: str | None = None
-    turn_id: str | None = None
-    multitask: str = "reject"
-    expected_revision: int | None = None
-    run: bool = True
-    title: str | None = None
-    metadata: JsonObject | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Page:
     """One page of a listing: its items (RunInfo or ThreadInfo), newest first, and the
     key to ask the next page after (None on the last page)."""
@@ -114,8 +91,9 @@ class EngineStatistics:
     store_errors: int
 
 
-class RunManager:
-    """Every live run, the thread each belongs to, and their lifecycles."""
+class RunManager(ThreadOperations):
+    """Every live run, the thread each belongs to, and their lifecycles; the thread
+    operations are ``ThreadOperations``'s (app/engine/threads.py)."""
 
     def __init__(
         self, store: Store, agents: AgentCatalog, settings: EngineSettings | None = None
@@ -139,9 +117,6 @@ class RunManager:
         self._ended: collections.Counter[str] = collections.Counter()
         self._active: dict[str, str] = {}  # thread_id -> run_id of its active run
         self._queues: dict[str, collections.deque[LiveRun]] = {}  # queued runs per thread
-        self._revisions: dict[str, int] = {}  # last known revision per thread
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._thread_listeners: dict[str, set[ThreadListener]] = {}
         self._supervisors: set[asyncio.Task[None]] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._evictions: dict[str, asyncio.TimerHandle] = {}
@@ -150,6 +125,7 @@ class RunManager:
         self._deleted: set[str] = set()
         self._flusher_task: asyncio.Task[NoReturn] | None = None
         self._closing = False
+        self._init_threads()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -304,90 +280,6 @@ class RunManager:
     def closing(self) -> bool:
         return self._closing
 
-    # -- threads ------------------------------------------------------------------------
-
-    async def create_thread(
-        self, metadata: JsonObject | None = None, title: str | None = None
-    ) -> ThreadRecord:
-        """Create a thread; it is on disk before this returns.
-
-        Raises: PayloadTooLargeError (metadata over its limit).
-        """
-        check_metadata(metadata or {})
-        now = time.time()
-        thread = ThreadRecord(new_thread_id(), metadata or {}, now, now, title=title)
-        await self.store.create_thread(thread)
-        return thread
-
-    async def get_thread(self, thread_id: str) -> ThreadRecord:
-        """Raises: NotFoundError."""
-        thread = await self.store.get_thread(thread_id)
-        if thread is None:
-            raise NotFoundError(f"no thread {thread_id}")
-        self._revisions[thread_id] = thread.revision
-        return thread
-
-    def thread_info(self, thread: ThreadRecord) -> JsonObject:
-        """ThreadInfo of PROTOCOL.md §6."""
-        return {
-            "thread_id": thread.thread_id,
-            "revision": thread.revision,
-            "head": thread.head,
-            "active_run_id": self._active.get(thread.thread_id),
-            "title": thread.title,
-            "metadata": thread.metadata,
-            "created_at": thread.created_at,
-            "updated_at": thread.updated_at,
-        }
-
-    def watch_thread(self, thread_id: str, listener: ThreadListener) -> None:
-        self._thread_listeners.setdefault(thread_id, set()).add(listener)
-
-    def unwatch_thread(self, thread_id: str, listener: ThreadListener) -> None:
-        listeners = self._thread_listeners.get(thread_id)
-        if listeners is not None:
-            listeners.discard(listener)
-            if not listeners:
-                del self._thread_listeners[thread_id]
-
-    def _notify_thread(self, thread_id: str, change: str, run: LiveRun | None = None) -> None:
-        listeners = self._thread_listeners.get(thread_id)
-        if not listeners:
-            return
-        frame: JsonObject = {
-            "type": "thread",
-            "thread_id": thread_id,
-            "change": change,
-            "revision": self._revisions.get(thread_id, 0),
-        }
-        if run is not None:
-            frame["run"] = run.info()
-        for listener in list(listeners):
-            try:
-                listener(frame)
-            except Exception:
-                # One watcher's failure is its own: the run and the other watchers go on.
-                logger.exception("thread_id=%s: a thread listener failed", thread_id)
-
-    async def thread_view(self, thread: ThreadRecord, *, all_turns: bool = False) -> JsonObject:
-        """ThreadInfo with ``turns``: the active path, or every turn with ``all_turns``.
-
-        An assistant turn of a run in memory shows the run's current text and status.
-        """
-        turns = {
-            t.turn_id: self._live_turn(t) for t in await self.store.load_turns(thread.thread_id)
-        }
-        shown = turns.values() if all_turns else turns_.active_path(turns, thread.head)
-        return {**self.thread_info(thread), "turns": [turn.to_dict() for turn in shown]}
-
-    def _live_turn(self, turn: turns_.Turn) -> turns_.Turn:
-        run = self.runs.get(turn.run_id or "")
-        if run is None:
-            return turn
-        return dataclasses.replace(
-            turn, content=run.state["message"]["content"], status=run.status.value
-        )
-
     # -- runs ---------------------------------------------------------------------------
 
     async def start(
@@ -431,190 +323,6 @@ class RunManager:
         assert run is not None
         return run
 
-    async def change_thread(
-        self, thread_id: str, change: ThreadChange, *, new_thread: ThreadRecord | None = None
-    ) -> tuple[ThreadRecord, LiveRun | None]:
-        """Apply a thread operation (PROTOCOL.md §6) and start its run, if it has one.
-
-        Everything is decided before anything changes; then the thread's row, its new
-        turns and the new run are written in one transaction before this returns.
-
-        Raises:
-            ConflictError (stale ``expected_revision``), RunInProgressError (busy thread,
-            ``reject``), NotFoundError (thread or turn), BadRequestError (nothing to act on,
-            bad input, bad multitask), UnknownAgentError, ShuttingDownError,
-            OverloadedError (it would start a run, and ``max_live_runs`` runs are live;
-            nothing is written), PayloadTooLargeError (the run's metadata).
-        """
-        self._check_open()
-        if change.multitask not in MULTITASK_STRATEGIES:
-            raise BadRequestError(
-                f"multitask must be one of {', '.join(MULTITASK_STRATEGIES)}", field="multitask"
-            )
-        if change.metadata is not None:
-            check_metadata(change.metadata)
-        starts_run = change.kind in turns_.RUN_OPERATIONS and change.run
-        if change.multitask == "enqueue" and not starts_run:
-            raise BadRequestError(
-                f"multitask 'enqueue' applies to operations that start a run, not {change.kind}",
-                field="multitask",
-            )
-        agent = self.agents.get(change.agent or self.settings.default_agent) if starts_run else None
-        if agent is not None:
-            self._check_capacity()  # early, to spare the reads; _apply_change decides
-        async with self._thread_lock(thread_id):
-            thread = new_thread or await self.get_thread(thread_id)
-            if change.expected_revision is not None and change.expected_revision != thread.revision:
-                raise ConflictError(
-                    f"thread {thread_id} is at revision {thread.revision}",
-                    expected_revision=change.expected_revision,
-                    actual_revision=thread.revision,
-                )
-            active = self.runs.get(self._active.get(thread_id, ""))
-            if active is not None and change.multitask == "reject":
-                raise RunInProgressError(thread_id, active.run_id)
-            turns = (
-                {}
-                if new_thread is not None
-                else {turn.turn_id: turn for turn in await self.store.load_turns(thread_id)}
-            )
-            head = thread.head
-            if active is not None and change.multitask == "rollback":
-                head = await self._head_before(active, turns, head)
-            new_head, plan = turns_.plan_operation(
-                change.kind,
-                turns,
-                head,
-                turn_id=change.turn_id,
-                content=change.content,
-                run=change.run,
-            )
-            run_input: JsonObject = {}
-            if agent is not None:
-                if change.kind == "start":
-                    run_input = agent.validate_input(change.input or {})
-                else:
-                    assert plan is not None
-                    question = plan.user_content
-                    if question is None:
-                        assert isinstance(plan.parent, str)
-                        question = turns[plan.parent].content
-                    run_input = agent.validate_input({"content": question})
-            # Decided; from here on the change is applied.
-            now = time.time()
-            bump = change.kind != "start" or new_head != thread.head
-            updated = dataclasses.replace(
-                thread,
-                revision=thread.revision + (1 if bump else 0),
-                head=new_head,
-                updated_at=now if bump else thread.updated_at,
-            )
-            run: LiveRun | None = None
-            new_turns: list[turns_.Turn] = []
-            history: list[JsonObject] = []
-            if agent is not None:
-                run = self._new_run(
-                    thread_id, agent.name, run_input, now, change.title, change.metadata
-                )
-                if active is None:
-                    new_turns, head_after, history = _materialize(updated, turns, plan, run, now)
-                    updated = dataclasses.replace(updated, head=head_after)
-                else:
-                    run.plan = plan
-                    run.go = asyncio.get_running_loop().create_future()
-            elif plan is not None:  # turns and no run: an edit saved as it is
-                new_turns, head_after, _ = _materialize(updated, turns, plan, None, now)
-                updated = dataclasses.replace(updated, head=head_after)
-            # Once the write has begun, it and the bookkeeping after it finish even if the
-            # caller goes away: what is on disk is also what is in memory.
-            stopped = await asyncio.shield(
-                self._apply_change(updated, new_turns, run, agent, history, active, change, bump)
-            )
-        if active is not None and change.multitask in ("interrupt", "rollback"):
-            # Answer once the change has taken effect: the active run ended, and the new
-            # run (if any) started with its turns on the active path.
-            async with asyncio.timeout(self.settings.stop_grace_s + 5.0):
-                await active.wait_ended()
-                if stopped is not None:
-                    await stopped.wait_ended()
-                if run is not None:
-                    await run.wait_started()
-            return await self.get_thread(thread_id), run
-        return updated, run
-
-    async def _apply_change(
-        self,
-        updated: ThreadRecord,
-        new_turns: list[turns_.Turn],
-        run: LiveRun | None,
-        agent: AgentSpec | None,
-        history: list[JsonObject],
-        active: LiveRun | None,
-        change: ThreadChange,
-        bump: bool,
-    ) -> LiveRun | None:
-        """Write a decided thread change, then register its run and stop the active one.
-
-        Returns the run it stopped (interrupt, rollback), if any.
-
-        Raises:
-            OverloadedError: ``run`` would be one live run too many; nothing is written.
-        """
-        thread_id = updated.thread_id
-        if run is not None:
-            # Counted from here, before the write: concurrent starts cannot all pass.
-            self._check_capacity()
-            self._live_runs += 1
-        try:
-            await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
-        except BaseException:
-            if run is not None:
-                self._live_runs -= 1
-            raise
-        self._revisions[thread_id] = updated.revision
-        if active is not None:
-            # A run's end does not wait for the thread lock: the active run seen when the
-            # change was decided may have ended since, and a queued one taken its place.
-            active = self.runs.get(self._active.get(thread_id, ""))
-        if run is not None:
-            assert agent is not None
-            run.mark_flushed(0)
-            self.runs[run.run_id] = run
-            self._started[run.agent] += 1
-            if run.go is None:  # decided on an idle thread: it starts now, turns written
-                self._active[thread_id] = run.run_id
-            else:
-                queue = self._queues.setdefault(thread_id, collections.deque())
-                if change.multitask == "enqueue":
-                    queue.append(run)
-                else:
-                    queue.appendleft(run)
-                if active is None:  # nothing left to hand the thread over when it ends
-                    self._hand_over(thread_id)
-            self._spawn_supervisor(run, agent, history)
-        stopped = None
-        if active is not None and change.multitask in ("interrupt", "rollback"):
-            self._request_stop(active, reason="stop", by=change.multitask)
-            stopped = active
-        if bump:
-            self._notify_thread(thread_id, "updated", run)
-        return stopped
-
-    async def _head_before(
-        self, run: LiveRun, turns: dict[str, turns_.Turn], head: str | None
-    ) -> str | None:
-        """The head with ``run``'s user and assistant turns taken off the active path (an
-        aside's are not on it: the head stays)."""
-        own = await self.store.turn_of_run(run.run_id)
-        if own is None:
-            return head
-        _, question_id = own
-        if question_id is None or question_id not in turns:
-            return head
-        if all(turn.turn_id != question_id for turn in turns_.active_path(turns, head)):
-            return head
-        return turns[question_id].parent_id
-
     def _new_run(
         self,
         thread_id: str,
@@ -656,11 +364,31 @@ class RunManager:
             # A bug of ours in ending the run (an assert): said, never swallowed silently.
             logger.error("run_id=%s: its supervisor failed", run_id, exc_info=error)
 
-    def _thread_lock(self, thread_id: str) -> asyncio.Lock:
-        lock = self._locks.get(thread_id)
-        if lock is None:
-            lock = self._locks[thread_id] = asyncio.Lock()
-        return lock
+    def _admit(
+        self,
+        run: LiveRun,
+        agent: AgentSpec,
+        history: list[JsonObject],
+        active: LiveRun | None,
+        multitask: str,
+    ) -> None:
+        """Take a run whose start is on disk: in memory, active in its thread or queued
+        (``active``: the thread's active run now), and supervised."""
+        run.mark_flushed(0)
+        self.runs[run.run_id] = run
+        self._started[run.agent] += 1
+        thread_id = run.thread_id
+        if run.go is None:  # decided on an idle thread: it starts now, turns written
+            self._active[thread_id] = run.run_id
+        else:
+            queue = self._queues.setdefault(thread_id, collections.deque())
+            if multitask == "enqueue":
+                queue.append(run)
+            else:
+                queue.appendleft(run)
+            if active is None:  # nothing left to hand the thread over when it ends
+                self._hand_over(thread_id)
+        self._spawn_supervisor(run, agent, history)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -988,7 +716,7 @@ class RunManager:
             thread = await self.get_thread(run.thread_id)
             turns = {turn.turn_id: turn for turn in await self.store.load_turns(run.thread_id)}
             now = time.time()
-            new_turns, head, history = _materialize(thread, turns, run.plan, run, now)
+            new_turns, head, history = materialize(thread, turns, run.plan, run, now)
             if new_turns:
                 # Joining the active path when it starts is part of the operation that
                 # queued it; the revision does not change again.
@@ -1095,52 +823,6 @@ def _live(run: LiveRun, message: str) -> RunInProgressError:
     error.message = message
     error.args = (message,)
     return error
-
-
-def _materialize(
-    thread: ThreadRecord,
-    turns: dict[str, turns_.Turn],
-    plan: turns_.TurnPlan | None,
-    run: LiveRun | None,
-    now: float,
-) -> tuple[list[turns_.Turn], str | None, list[JsonObject]]:
-    """The turns written by ``plan`` (``run``'s, when it answers), the head after them,
-    and the history the agent gets: the active path up to and including the user turn
-    it answers (empty when no run answers)."""
-    if plan is None:
-        return [], thread.head, turns_.history(turns_.active_path(turns, thread.head))
-    parent = thread.head if isinstance(plan.parent, turns_.Head) else plan.parent
-    new: list[turns_.Turn] = []
-    if plan.user_content is not None:
-        question = turns_.Turn(
-            new_turn_id(),
-            thread.thread_id,
-            parent,
-            turns_.USER,
-            plan.user_content,
-            None,
-            "completed",
-            now,
-        )
-        new.append(question)
-        parent = question.turn_id
-        if not plan.answered:
-            return new, question.turn_id, []
-    assert run is not None, "a plan that is answered needs its run"
-    answer = turns_.Turn(
-        new_turn_id(),
-        thread.thread_id,
-        parent,
-        turns_.ASSISTANT,
-        "",
-        run.run_id,
-        RunStatus.QUEUED.value,
-        now,
-    )
-    new.append(answer)
-    every = {**turns, **{turn.turn_id: turn for turn in new}}
-    head = answer.turn_id if plan.moves_head else thread.head
-    return new, head, turns_.history(turns_.active_path(every, parent))
 
 
 def record_info(record: RunRecord) -> JsonObject:

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.events import Event, JsonObject, decode, encode
-from app.engine.manager import ThreadChange
 from app.engine.records import RecordPatch
+from app.engine.threads import ThreadChange, ThreadChanged
 from app.errors import BadRequestError, MalformedError, PayloadTooLargeError, RuncastError
 from app.store.base import Key
 
@@ -427,3 +427,17 @@ def presence_frame(run_id: str, watchers: int) -> str:
 def deleted_frame(run_id: str) -> str:
     """The last frame of a subscription to a run that was deleted (PROTOCOL.md §10)."""
     return encode({"type": "deleted", "run_id": run_id})
+
+
+def thread_frame(event: ThreadChanged) -> str:
+    """A ``thread`` frame (PROTOCOL.md §6): what changed in a watched thread, with the
+    RunInfo of the run it concerns, as the run is now."""
+    frame: JsonObject = {
+        "type": "thread",
+        "thread_id": event.thread_id,
+        "change": event.change,
+        "revision": event.revision,
+    }
+    if event.run is not None:
+        frame["run"] = event.run.info()
+    return encode(frame)

@@ -25,11 +25,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from app import __version__
 from app.access.policy import Action, Principal
 from app.config import Settings
-from app.core.events import JsonObject, decode, encode
+from app.core.events import JsonObject, decode
 from app.core.ids import new_connection_id
 from app.core.ratelimit import TokenBucket
 from app.engine.manager import RunManager
 from app.engine.run import LiveRun
+from app.engine.threads import ThreadChanged
 from app.errors import (
     CursorOutOfRangeError,
     PayloadTooLargeError,
@@ -441,9 +442,10 @@ class Session:
                 )
             outbox = self._outbox
 
-            def listener(frame: JsonObject) -> None:
-                outbox.put_nowait(encode(frame))
-                if frame["change"] == "deleted":  # the thread is gone: so is the watch
+            def listener(event: ThreadChanged) -> None:
+                # Encoded now: the frame shows the run as it is at the change.
+                outbox.put_nowait(wire.thread_frame(event))
+                if event.change == "deleted":  # the thread is gone: so is the watch
                     self._watches.pop(thread_id, None)
 
             self._watches[thread_id] = listener

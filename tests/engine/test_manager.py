@@ -21,6 +21,7 @@ from app.core.events import Event, JsonObject, RunStatus
 from app.core.turns import Turn
 from app.engine.manager import EngineSettings, RunManager, ThreadChange
 from app.engine.run import LiveRun
+from app.engine.threads import ThreadChanged
 from app.errors import (
     AgentError,
     BadRequestError,
@@ -278,7 +279,7 @@ async def test_a_start_cancelled_while_it_is_written_still_starts_whole(
     thread = await manager.create_thread()
     started = asyncio.Event()
     manager.watch_thread(
-        thread.thread_id, lambda frame: frame["change"] == "run_started" and started.set()
+        thread.thread_id, lambda change: change.change == "run_started" and started.set()
     )
     store.gate = asyncio.Event()
     starting = asyncio.create_task(manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
@@ -623,16 +624,16 @@ async def test_a_failing_thread_listener_does_not_hold_up_the_run(
     manager: RunManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     thread = await manager.create_thread()
-    frames: list[JsonObject] = []
+    frames: list[ThreadChanged] = []
 
-    def broken(frame: JsonObject) -> None:
+    def broken(change: ThreadChanged) -> None:
         raise RuntimeError("listener bug")
 
     manager.watch_thread(thread.thread_id, broken)
     manager.watch_thread(thread.thread_id, frames.append)
     run = await ended(await manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
     assert run.status == RunStatus.COMPLETED
-    assert [frame["change"] for frame in frames] == ["run_started", "run_ended"]
+    assert [change.change for change in frames] == ["run_started", "run_ended"]
     assert sum("a thread listener failed" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -850,9 +851,9 @@ async def test_close_cancels_a_queued_run_stuck_beginning_on_a_hanging_store(
     await started(first)
     gate = asyncio.Event()
 
-    def hang_the_store(frame: JsonObject) -> None:
+    def hang_the_store(change: ThreadChanged) -> None:
         # Once the first run has ended, and before the queued one writes its turns.
-        if frame["change"] == "run_ended":
+        if change.change == "run_ended":
             store.gate = gate
 
     manager.watch_thread(thread.thread_id, hang_the_store)
@@ -1203,16 +1204,12 @@ async def test_threads_and_their_listeners(manager: RunManager) -> None:
     with pytest.raises(NotFoundError):
         await manager.get_thread("thr_nope")
 
-    frames: list[JsonObject] = []
-    others: list[JsonObject] = []
+    frames: list[ThreadChanged] = []
+    others: list[ThreadChanged] = []
     manager.watch_thread(thread.thread_id, frames.append)
     manager.watch_thread(thread.thread_id, others.append)
     run = await ended(await manager.start("counter", {"n": 1}, thread_id=thread.thread_id))
-    assert [(f["type"], f["change"], f["run"]["run_id"]) for f in frames] == [
-        ("thread", "run_started", run.run_id),
-        ("thread", "run_ended", run.run_id),
-    ]
-    assert frames[1]["run"]["status"] == "completed"
+    assert [(f.change, f.run) for f in frames] == [("run_started", run), ("run_ended", run)]
     manager.unwatch_thread(thread.thread_id, others.append)
     manager.unwatch_thread(thread.thread_id, frames.append)
     manager.unwatch_thread(thread.thread_id, frames.append)  # already gone

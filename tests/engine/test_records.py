@@ -12,11 +12,11 @@ import pytest
 
 from app.agents.builtin import register_builtins
 from app.agents.registry import Registry
-from app.core.events import JsonObject
 from app.engine import run as run_module
 from app.engine.manager import EngineSettings, Page, RunManager, ThreadChange
 from app.engine.records import MAX_METADATA_BYTES, RecordPatch
 from app.engine.run import LiveRun
+from app.engine.threads import ThreadChanged
 from app.errors import ConflictError, NotFoundError, PayloadTooLargeError, RunInProgressError
 from app.store.base import Key, RunQuery
 from app.store.sqlite import SqliteStore
@@ -96,13 +96,13 @@ async def test_patching_a_run_and_a_thread(manager: RunManager, store: SqliteSto
     assert too_large.value.details["field"] == "metadata"
     assert run.metadata == {"b": {"c": 1}}
 
-    frames: list[JsonObject] = []
+    frames: list[ThreadChanged] = []
     manager.watch_thread(thread.thread_id, frames.append)
     renamed = await manager.patch_thread(
         thread.thread_id, RecordPatch(set_title=True, title="renamed"), expected_revision=0
     )
     assert (renamed.title, renamed.revision) == ("renamed", 1)
-    assert [(f["change"], f["revision"]) for f in frames] == [("updated", 1)]
+    assert [(f.change, f.revision) for f in frames] == [("updated", 1)]
     with pytest.raises(ConflictError):
         await manager.patch_thread(thread.thread_id, RecordPatch(), expected_revision=0)
     with pytest.raises(PayloadTooLargeError):
@@ -289,14 +289,14 @@ async def test_deleting_a_thread(manager: RunManager, store: SqliteStore) -> Non
     )
     assert busy is not None
     await held(busy)
-    frames: list[JsonObject] = []
+    frames: list[ThreadChanged] = []
     manager.watch_thread(thread.thread_id, frames.append)
     with pytest.raises(RunInProgressError):
         await manager.delete_thread(thread.thread_id)
     manager.stop(busy)
     await ended(busy)
     await manager.delete_thread(thread.thread_id)
-    assert frames[-1]["change"] == "deleted" and frames[-1]["thread_id"] == thread.thread_id
+    assert frames[-1].change == "deleted" and frames[-1].thread_id == thread.thread_id
     assert busy.deleted and busy.run_id not in manager.runs
     for run_id in (first.run_id, busy.run_id):
         with pytest.raises(NotFoundError):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from app.core.events import Event
+from app.engine.threads import ThreadChanged
 from app.errors import (
     BadRequestError,
     CursorOutOfRangeError,
@@ -486,6 +487,12 @@ def test_other_server_frames() -> None:
         "run_id": "run_1",
         "watchers": 4,
     }
+
+
+def test_thread_frame_encodes_a_thread_change() -> None:
+    frame = json.loads(wire.thread_frame(ThreadChanged("thr_1", "updated", 3)))
+    assert frame == {"type": "thread", "thread_id": "thr_1", "change": "updated", "revision": 3}
+    assert list(frame) == ["type", "thread_id", "change", "revision"]
 
 
 def test_http_status_table_covers_every_error_code() -> None:
