@@ -429,17 +429,36 @@ async function loadAgents() {
   resolveAgents();
 }
 
+// Input fields that only mean something for a run in a thread (the user turn it answers):
+// shown when the run starts in the current thread, hidden otherwise.
+const THREAD_FIELDS = ["content"];
+
 function renderAgentInput() {
   const agent = app.agents.find((a) => a.name === agentSelect.value);
   agentHelp.textContent = agent?.description || "";
-  inputForm = schemaForm(agent?.input_schema || { type: "object", properties: {} }, { prefix: "start" });
+  inputForm = schemaForm(agent?.input_schema || { type: "object", properties: {} }, { prefix: "start", hidden: THREAD_FIELDS });
   inputSlot.replaceChildren(inputForm.element);
+  showThreadFields();
 }
 agentSelect.addEventListener("change", renderAgentInput);
+
+function inCurrentThread() {
+  return Boolean(app.threadId) && threadChoice.querySelector("input[name=thread]:checked")?.value === "current";
+}
+
+/** The thread-only fields, and the choice of what to do with an active run, as they apply. */
+function showThreadFields() {
+  const inThread = inCurrentThread();
+  for (const name of THREAD_FIELDS) inputForm?.show(name, inThread);
+  const multitask = threadChoice.querySelector(".multitask");
+  if (multitask) multitask.hidden = !inThread;
+}
+threadChoice.addEventListener("change", showThreadFields);
 
 function renderStartThreadChoice() {
   if (!app.threadId) {
     threadChoice.replaceChildren();
+    showThreadFields();
     return;
   }
   const checked = threadChoice.querySelector("input[name=thread]:checked")?.value ?? "new";
@@ -468,6 +487,7 @@ function renderStartThreadChoice() {
       ),
     ),
   );
+  showThreadFields();
 }
 
 startForm.addEventListener("submit", async (e) => {
@@ -481,7 +501,7 @@ startForm.addEventListener("submit", async (e) => {
   const options = {};
   const title = startTitle.value.trim();
   if (title) options.title = title;
-  if (threadChoice.querySelector("input[name=thread]:checked")?.value === "current") {
+  if (inCurrentThread()) {
     options.threadId = app.threadId;
     options.multitask = threadChoice.querySelector("select[name=multitask]").value;
   }
@@ -539,7 +559,7 @@ function route() {
         "and a dropped connection picks up exactly where it left off.",
       ),
       h("p", {}, "Or ", h("a", { href: "#/threads" }, "start a conversation"), " with turns you can edit, regenerate and rewind."),
-      hash === "#/" || hash === "#" ? null : h("p", { class: "run-error" }, `Nothing at ${hash}.`),
+      ...(hash === "#/" || hash === "#" ? [] : [h("p", { class: "run-error" }, `Nothing at ${hash}.`)]),
     );
   }
   runs.collect();

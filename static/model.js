@@ -1,21 +1,44 @@
 // The page's run models: one per run it shows, shared by every view that shows the run
 // (the run view and a conversation's streaming turn), kept current by ONE subscription.
+//
+// A model opens its run from the server's snapshot (PROTOCOL.md §2, `snapshot: true`):
+// an ended run at its last event, a live one a few hundred events back; the live events
+// after it are folded by runcast.js's reducer. It keeps the folded state and the latest
+// events only (TAIL_EVENTS at most): what a run view shows of the older ones it reads
+// over HTTP when asked. So a model costs the same for a run of a hundred events and for
+// one of a million.
 
 import { applyEvent, initialState, TERMINAL_STATUSES } from "./runcast.js";
 
-/** A run as the page knows it: its info, its folded state and its event log. */
+/** A live run opens this many events back: the inspector has them at once. */
+export const LIVE_BACKLOG = 300;
+/** The latest events a model holds (between TAIL_EVENTS and twice that). */
+export const TAIL_EVENTS = 500;
+
+/** A run as the page knows it: its info, its folded state and its latest events. */
 export class RunModel {
   constructor(client) {
     this.client = client;
     this.runId = null;
     this.info = null;
     this.state = initialState();
-    this.events = []; // every event held, in index order (i = 1..n, or from a snapshot on)
+    this.epoch = null;
+    this.cursor = 0; // the last index folded into `state`
+    this.tail = []; // the latest events, in index order, contiguous, ending at `cursor`
+    this.ending = null; // the terminal status event, once known
+    this.opened = false; // the state is the server's (a snapshot or events from 0 arrived)
     this.watchers = null;
     this.error = null; // the subscription was refused (e.g. not_found)
     this.deleted = false; // the run was erased (PROTOCOL.md §10)
-    this.generation = 0; // bumped on reset: views rebuild what they derived from events
+    this.generation = 0; // bumped on reset: views drop what they read of the old log
+    // Delivery, for the tests: `delivered` events since the state at index `from` (the
+    // snapshot's), `gaps` out of order (never, by the protocol): exactly once in order
+    // is delivered === cursor - from and gaps === 0.
+    this.from = 0;
+    this.delivered = 0;
+    this.gaps = 0;
     this.subscription = null;
+    this.closed = false;
     this._listeners = new Set();
     this._scheduled = false;
   }
@@ -24,8 +47,9 @@ export class RunModel {
     return TERMINAL_STATUSES.has(this.state.status);
   }
 
+  /** The last index the page knows of: the state is the snapshot at this index. */
   get lastIndex() {
-    return this.events.length ? this.events[this.events.length - 1].i : (this.snapshotIndex ?? 0);
+    return this.cursor;
   }
 
   /** Listen for changes; called at most once per received frame. Returns an off function. */
@@ -43,17 +67,58 @@ export class RunModel {
     });
   }
 
+  /** The held event at index `i`, or undefined. */
+  eventAt(i) {
+    const first = this.tail.length ? this.tail[0].i : Infinity;
+    return i >= first ? this.tail[i - first] : undefined;
+  }
+
+  /**
+   * Subscribe from the snapshot at the point the view needs: the RunInfo first (over
+   * HTTP, while the socket may still be connecting), then `subscribe` with a snapshot at
+   * the last index of an ended run (one before it: its terminal event follows, with the
+   * ending's details), or LIVE_BACKLOG events back for a live one.
+   */
+  async open() {
+    let after = "latest";
+    try {
+      const info = await this.client.api(`/api/runs/${encodeURIComponent(this.runId)}`);
+      if (this.closed) return;
+      this.info = info;
+      this._changed(); // the view shows the run's title while the socket connects
+      const last = info.last_index;
+      after = Math.max(0, TERMINAL_STATUSES.has(info.status) ? last - 1 : last - LIVE_BACKLOG);
+    } catch (err) {
+      if (this.closed) return;
+      if (err.code === "not_found" || err.code === "forbidden") {
+        this.error = err;
+        this._changed();
+        return;
+      }
+      // Out of reach (or no token yet): the socket asks for the latest snapshot when it can.
+    }
+    this.subscription = this.client.subscribe(this.runId, { after, snapshot: true, ...this.callbacks() });
+  }
+
   /** The callbacks of this model's subscription (see runcast.js). */
   callbacks() {
     return {
       onInfo: (run) => {
         this.runId = run.run_id;
         this.info = run;
+        if (this.epoch === null) this.epoch = run.epoch;
+        // A start subscribes from index 0: the initial state is the server's.
+        if (!this.opened && this.subscription?.cursor === 0) this.opened = true;
         this._changed();
       },
       onEvent: (event) => {
-        this.events.push(event);
+        if (event.i !== this.cursor + 1) this.gaps++;
+        this.cursor = event.i;
+        this.delivered++;
         applyEvent(this.state, event);
+        this.tail.push(event);
+        if (this.tail.length > 2 * TAIL_EVENTS) this.tail.splice(0, this.tail.length - TAIL_EVENTS);
+        if (event.type === "status" && TERMINAL_STATUSES.has(event.data?.status)) this.ending = event;
         if (this.info) this.info = { ...this.info, status: this.state.status, last_index: event.i };
       },
       onEvents: () => this._changed(),
@@ -61,18 +126,28 @@ export class RunModel {
         this.watchers = n;
         this._changed();
       },
-      onReset: () => {
+      onReset: (epoch) => {
         // The server's log was rewritten (PROTOCOL.md §4): a snapshot at its last index
-        // follows; the events before it are read again over HTTP for the inspector.
+        // follows; what views read of the old log is dropped.
         this.generation++;
-        this.events = [];
+        this.epoch = epoch;
+        this.tail = [];
+        this.ending = null;
+        this.opened = false;
         this.state = initialState();
         this._changed();
       },
       onSnapshot: (frame) => {
-        this.state = structuredClone(frame.state);
-        this.snapshotIndex = frame.index;
-        this._backfill(frame.index, this.generation);
+        this.state = frame.state;
+        this.epoch = frame.epoch;
+        this.cursor = frame.index;
+        this.from = frame.index;
+        this.delivered = 0;
+        this.opened = true;
+        this.tail = [];
+        if (this.info) this.info = { ...this.info, status: this.state.status };
+        // An ended run opened at its last index (after a reset): its ending is read.
+        if (TERMINAL_STATUSES.has(frame.state.status) && frame.index > 0) this._readEnding(frame.index, this.generation);
         this._changed();
       },
       onEnd: () => {
@@ -101,23 +176,26 @@ export class RunModel {
     this._changed();
   }
 
-  async _backfill(upTo, generation) {
-    const older = [];
-    let after = 0;
+  /** Read the terminal event at `index` over HTTP (the ending's reason, who stopped it). */
+  async _readEnding(index, generation) {
     try {
-      while (after < upTo) {
-        const page = await this.client.api(`/api/runs/${this.runId}/events`, { query: { after, limit: 10000 } });
-        if (!page.events.length || page.epoch !== this.subscription?.epoch) break;
-        for (const e of page.events) if (e.i <= upTo) older.push(e);
-        after = page.events[page.events.length - 1].i;
-      }
+      const page = await this.client.api(`/api/runs/${encodeURIComponent(this.runId)}/events`, {
+        query: { after: index - 1, limit: 1 },
+      });
+      const event = page.events[0];
+      if (generation !== this.generation || this.ending || event?.i !== index) return;
+      this.ending = event;
+      if (!this.tail.length) this.tail = [event];
+      this._changed();
     } catch {
-      return; // the inspector stays without the older events; the state is whole
+      // the ending's details stay unknown; the status says how it ended
     }
-    if (generation !== this.generation) return;
-    this.events = [...older, ...this.events.filter((e) => e.i > upTo)];
-    this.generation++;
-    this._changed();
+  }
+
+  /** Stop receiving the run (no view holds it any more). */
+  close() {
+    this.closed = true;
+    this.subscription?.close();
   }
 }
 
@@ -133,7 +211,7 @@ export class RunRegistry {
     if (!entry) {
       const model = new RunModel(this.client);
       model.runId = runId;
-      model.subscription = this.client.subscribe(runId, { after: 0, ...model.callbacks() });
+      model.open();
       entry = { model, refs: 0 };
       this.models.set(runId, entry);
     }
@@ -152,6 +230,7 @@ export class RunRegistry {
     const model = new RunModel(this.client);
     const { run, subscription } = await this.client.start(agent, input, { ...options, ...model.callbacks() });
     model.subscription = subscription;
+    model.opened = true; // subscribed from index 0: the initial state is the server's
     this.models.set(run.run_id, { model, refs: 0 });
     return { run, model };
   }
@@ -170,7 +249,7 @@ export class RunRegistry {
   collect() {
     for (const [runId, entry] of this.models) {
       if (entry.refs > 0) continue;
-      entry.model.subscription?.close();
+      entry.model.close();
       this.models.delete(runId);
     }
   }

@@ -1,14 +1,18 @@
 // The run view (#/runs/{run_id}): the message streaming live, status, watchers, usage,
 // Stop, the input form of a run in requires_action, a read-only share link (token mode),
-// and the replay panel: the raw event log with indexes and a time-travel slider over the
-// snapshot endpoint. The title is renamed in place (operator and above); an admin may
-// delete an ended run, after a confirmation. A read-only token sees the run without Stop,
-// answer, Share or Rename. A deleted run's view says so (PROTOCOL.md §10).
+// and the replay panel: the raw event log with indexes (a virtual list paged from the
+// server, event-log.js) and a time-travel slider that shows the server's snapshot at its
+// index. The view opens from the run's snapshot (model.js), so a run of a million events
+// shows its status and text at once, and what the page holds does not grow with the run.
+// The title is renamed in place (operator and above); an admin may delete an ended run,
+// after a confirmation. A read-only token sees the run without Stop, answer, Share or
+// Rename. A deleted run's view says so (PROTOCOL.md §10).
 
 import { confirmDialog, eyeIcon, h, json, MessageView, schemaForm, shortId, statusBadge, errorText, timeAgo, titleEditor } from "./ui.js";
 import { initialState, TERMINAL_STATUSES } from "./runcast.js";
+import { EventLog } from "./event-log.js";
 
-const MAX_ROWS = 500; // the inspector shows the latest rows; the slider reaches them all
+const SNAPSHOT_DELAY_MS = 80; // the slider asks for a snapshot once it rests this long
 // Keyboard: the slider (arrow keys, Home, End) moves through the events; the index
 // buttons in the inspector are for the mouse and stay out of the tab order.
 
@@ -29,7 +33,7 @@ export function mountRunView(root, app, runId) {
     announce: (text) => (notice.textContent = text),
     save: (value) => app.renameRun(runId, value),
   });
-  const badge = h("span", { dataset: { testid: "run-status" }, class: "badge status-queued" }, "queued");
+  const badge = h("span", { dataset: { testid: "run-status" }, class: "badge status-loading" }, "loading");
   const watchers = h("span", { class: "watchers", dataset: { testid: "watchers" }, title: "tabs watching this run" });
   const usage = h("span", { class: "usage", dataset: { testid: "usage" } });
   const stop = h(
@@ -91,22 +95,24 @@ export function mountRunView(root, app, runId) {
   const fwd = h("button", { type: "button", class: "small", "aria-label": "next event", onclick: () => step(1) }, "▶");
   const ttMessage = new MessageView({ testid: "tt", live: false });
   const ttStatus = h("span", { dataset: { testid: "tt-status" } });
-  const ttJson = h("pre", { class: "json", dataset: { testid: "tt-json" } });
+  const ttJson = h("pre", { class: "json", dataset: { testid: "tt-json", raw: "" } });
+  // At "Live" the run is what the view above shows: the panel says so instead of
+  // repeating it (its JSON is written only while someone reads it).
+  const ttLive = h(
+    "p",
+    { class: "hint tt-live", dataset: { testid: "tt-live" } },
+    "Live: the run as shown above. Move the slider, or click an index, to see it as it was at that event.",
+  );
+  const ttRaw = h("details", { class: "tt-raw", ontoggle: () => ttRaw.open && following && (ttJson.textContent = json(model.state)) }, h("summary", {}, "State as JSON"), ttJson);
   const ttPanel = h(
     "div",
     { class: "tt-panel", dataset: { testid: "tt-panel" } },
     h("div", { class: "tt-head" }, h("strong", {}, "Snapshot at "), ttIndex, " ", ttStatus),
+    ttLive,
     ttMessage.element,
-    h("details", { class: "tt-raw" }, h("summary", {}, "State as JSON"), ttJson),
+    ttRaw,
   );
-  const rows = h("tbody", {});
-  const truncated = h("p", { class: "hint", hidden: true });
-  const inspector = h(
-    "div",
-    { class: "inspector", dataset: { testid: "inspector" }, tabindex: "0", "aria-label": "event log" },
-    truncated,
-    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "type"), h("th", {}, "data"), h("th", {}, "+ms"))), rows),
-  );
+  const log = new EventLog({ client, model, onPick: (i) => pick(i) });
   const replay = h(
     "section",
     { class: "replay", "aria-labelledby": "replay-title" },
@@ -121,7 +127,7 @@ export function mountRunView(root, app, runId) {
       h("span", { class: "tt-of" }, ofIndex, "of ", ttTotal),
       live,
     ),
-    h("div", { class: "replay-grid" }, inspector, ttPanel),
+    h("div", { class: "replay-grid" }, log.element, ttPanel),
   );
 
   const view = h(
@@ -143,21 +149,12 @@ export function mountRunView(root, app, runId) {
   );
   root.replaceChildren(view);
 
-  // The inspector follows new events unless the user scrolled up to read older ones.
-  let stickToBottom = true;
-  inspector.addEventListener("scroll", () => {
-    stickToBottom = inspector.scrollHeight - inspector.scrollTop - inspector.clientHeight < 40;
-  });
-
   // -- rendering -------------------------------------------------------------------------
   let following = true;
   let at = 0; // the slider's index when not following
-  let renderedGeneration = -1;
-  let renderedUpTo = 0; // the last index with a row
-  const rowByIndex = new Map();
-  let firstTs = null;
 
   function render() {
+    if (model.deleted || model.error) log.destroy(); // nothing more to read
     if (model.deleted) {
       if (view.dataset.deleted) return;
       view.dataset.deleted = "true";
@@ -191,6 +188,7 @@ export function mountRunView(root, app, runId) {
       return;
     }
     const { state, info } = model;
+    const status = shownStatus();
     if (info) {
       title.textContent = info.title || info.agent;
       titling.set(info.title);
@@ -199,9 +197,9 @@ export function mountRunView(root, app, runId) {
       meta.querySelector(".created").textContent = `started ${timeAgo(info.created_at)}`;
       app.noteRun(info);
     }
-    badge.className = `badge status-${state.status}`;
-    badge.textContent = state.status.replace("_", " ");
-    const ended = TERMINAL_STATUSES.has(state.status);
+    badge.className = `badge status-${status ?? "loading"}`;
+    badge.textContent = status ? status.replace("_", " ") : "loading";
+    const ended = TERMINAL_STATUSES.has(status);
     const watching = ended || model.watchers === null ? "" : `${model.watchers} watching`;
     if (watchers.dataset.text !== watching) {
       watchers.dataset.text = watching;
@@ -216,7 +214,13 @@ export function mountRunView(root, app, runId) {
     ending.textContent = endingText(model);
     renderInput(state);
     renderReplay();
-    document.title = `${state.status} · ${info?.agent ?? "run"} · runcast`;
+    document.title = `${status ?? "run"} · ${info?.agent ?? "run"} · runcast`;
+  }
+
+  /** The run's status, once its state is the server's (null while the snapshot is on
+   * its way: the view shows a status and a slider only with the state that goes with them). */
+  function shownStatus() {
+    return model.opened ? model.state.status : null;
   }
 
   function renderInput(state) {
@@ -279,60 +283,46 @@ export function mountRunView(root, app, runId) {
     const last = model.lastIndex;
     slider.max = String(last);
     ttTotal.textContent = String(last);
-    if (renderedGeneration !== model.generation) {
-      renderedGeneration = model.generation;
-      rows.replaceChildren();
-      rowByIndex.clear();
-      renderedUpTo = 0;
-      firstTs = model.events[0]?.ts ?? null;
-    }
-    const fresh = [];
-    for (let k = model.events.length - 1; k >= 0 && model.events[k].i > renderedUpTo; k--) fresh.push(model.events[k]);
-    fresh.reverse();
-    for (const event of fresh) {
-      if (firstTs === null) firstTs = event.ts;
-      const row = h(
-        "tr",
-        { dataset: { i: event.i }, class: `type-${event.type}` },
-        h("td", {}, h("button", { type: "button", class: "link", tabindex: "-1", onclick: () => pick(event.i) }, String(event.i))),
-        h("td", {}, event.type),
-        h("td", {}, h("code", {}, JSON.stringify(event.data))),
-        h("td", { class: "num" }, String(Math.round((event.ts - firstTs) * 1000))),
-      );
-      rows.append(row);
-      rowByIndex.set(event.i, row);
-      renderedUpTo = event.i;
-    }
-    while (rows.childElementCount > MAX_ROWS) {
-      const first = rows.firstElementChild;
-      rowByIndex.delete(Number(first.dataset.i));
-      first.remove();
-    }
-    const hiddenRows = (rows.firstElementChild ? Number(rows.firstElementChild.dataset.i) : 1) - 1;
-    truncated.hidden = hiddenRows <= 0;
-    truncated.textContent = `${hiddenRows} earlier events are not listed; the slider reaches them.`;
+    log.update();
     if (following) {
       slider.value = String(last);
-      showAt(last, model.state, true);
-      if (fresh.length && stickToBottom) inspector.scrollTop = inspector.scrollHeight;
+      showLive(last);
     }
   }
 
-  function showAt(index, state, isLive) {
+  /** The panel at "Live": the index, and no second copy of the run's text. */
+  function showLive(index) {
+    setIndex(index);
+    const status = shownStatus();
+    ttStatus.replaceChildren(status ? statusBadge(status) : "", h("span", { class: "hint" }, " live"));
+    ttLive.hidden = false;
+    ttMessage.element.hidden = true;
+    if (ttRaw.open) ttJson.textContent = json(model.state);
+    live.setAttribute("aria-pressed", "true");
+    rowsTraveling(false);
+  }
+
+  /** The panel showing the server's snapshot at `index`. */
+  function showAt(index, state) {
+    setIndex(index);
+    ttStatus.replaceChildren(statusBadge(state.status));
+    ttLive.hidden = true;
+    ttMessage.element.hidden = false;
+    ttMessage.update(state);
+    ttJson.textContent = json(state);
+    live.setAttribute("aria-pressed", "false");
+    rowsTraveling(true);
+  }
+
+  function setIndex(index) {
     ttIndex.value = String(index);
     ttIndex.textContent = String(index);
     ofIndex.textContent = `${index} `;
     ttPanel.dataset.at = String(index);
-    ttStatus.replaceChildren(statusBadge(state.status), isLive ? h("span", { class: "hint" }, " live") : "");
-    ttMessage.update(state);
-    ttJson.textContent = json(state);
-    live.setAttribute("aria-pressed", String(isLive));
-    for (const row of rows.querySelectorAll("tr.at")) row.classList.remove("at");
-    const row = rowByIndex.get(index);
-    row?.classList.add("at");
-    if (row && !isLive) row.scrollIntoView({ block: "nearest" });
-    rows.classList.toggle("traveling", !isLive);
-    for (const [i, row] of rowByIndex) row.classList.toggle("future", !isLive && i > index);
+  }
+
+  function rowsTraveling(traveling) {
+    log.element.classList.toggle("traveling", traveling);
   }
 
   // -- time travel -----------------------------------------------------------------------
@@ -341,7 +331,10 @@ export function mountRunView(root, app, runId) {
 
   function follow() {
     following = true;
+    clearTimeout(fetchTimer);
+    fetchSeq++;
     delete ttPanel.dataset.loading;
+    log.mark(null);
     renderReplay();
   }
 
@@ -355,21 +348,27 @@ export function mountRunView(root, app, runId) {
     at = index;
     slider.value = String(index);
     ofIndex.textContent = `${index} `;
+    live.setAttribute("aria-pressed", "false");
     ttPanel.dataset.loading = "true";
+    log.mark(index);
+    // Debounced: while the slider is dragged only its resting place is asked for.
     clearTimeout(fetchTimer);
     const seq = ++fetchSeq;
     fetchTimer = setTimeout(async () => {
       try {
-        const snap = index === 0 ? { index: 0, state: initialState() } : await client.api(`/api/runs/${runId}/snapshot`, { query: { at: index } });
+        const snap =
+          index === 0
+            ? { index: 0, state: initialState() }
+            : await client.api(`/api/runs/${encodeURIComponent(runId)}/snapshot`, { query: { at: index } });
         if (seq !== fetchSeq || following) return;
         delete ttPanel.dataset.loading;
-        showAt(snap.index, snap.state, false);
+        showAt(snap.index, snap.state);
       } catch (err) {
         if (seq !== fetchSeq) return;
         delete ttPanel.dataset.loading;
         ttStatus.textContent = errorText(err);
       }
-    }, 60);
+    }, SNAPSHOT_DELAY_MS);
   }
 
   // -- actions ---------------------------------------------------------------------------
@@ -486,15 +485,15 @@ export function mountRunView(root, app, runId) {
   return () => {
     off();
     clearTimeout(fetchTimer);
+    log.destroy();
     app.runs.release(model);
   };
 }
 
 /** Why a run ended, from its terminal status event (stopped and interrupted runs). */
 function endingText(model) {
-  const last = model.events[model.events.length - 1];
-  if (!last || last.type !== "status") return "";
-  const data = last.data || {};
+  const data = model.ending?.data;
+  if (!data) return "";
   if (data.status === "stopped") {
     if (!data.by) return "Stopped.";
     if (data.by === model.client.connectionId) return "Stopped from this tab.";

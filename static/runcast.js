@@ -209,12 +209,22 @@ function isObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
 }
 
+/** `object[key]` if it is the object's own key (never an inherited one such as "toString"). */
+function own(object, key) {
+  return Object.hasOwn(object, key) ? object[key] : undefined;
+}
+
+/** `object[key] = value` as a plain data key, even for "__proto__" (as in JSON). */
+function setOwn(object, key, value) {
+  Object.defineProperty(object, key, { value, writable: true, enumerable: true, configurable: true });
+}
+
 export function mergePatch(target, patch) {
   if (!isObject(patch)) return patch;
   const result = isObject(target) ? { ...target } : {};
   for (const [key, value] of Object.entries(patch)) {
     if (value === null) delete result[key];
-    else result[key] = mergePatch(result[key], value);
+    else setOwn(result, key, mergePatch(own(result, key), value));
   }
   return result;
 }
@@ -231,20 +241,22 @@ export function applyEvent(state, event) {
       break;
     case "status":
       state.status = data.status;
-      if ("error" in data) state.error = data.error;
+      if (Object.hasOwn(data, "error")) state.error = data.error;
       break;
     case "tool_call":
-      message.tools.push({ id: data.id, name: data.name, args: data.args, status: "running" });
+      // A missing field is null, as the server's reducer has it (app/core/snapshot.py).
+      message.tools.push({ id: data.id ?? null, name: data.name ?? null, args: data.args ?? null, status: "running" });
       break;
     case "tool_result": {
       // The latest call with this id gets the result; an unknown id changes nothing.
+      const id = data.id ?? null;
       for (let k = message.tools.length - 1; k >= 0; k--) {
         const tool = message.tools[k];
-        if (tool.id !== data.id) continue;
+        if ((tool.id ?? null) !== id) continue;
         const { output: _o, error: _e, ...rest } = tool;
         const failed = data.error !== undefined && data.error !== null;
         const updated = { ...rest };
-        if ("output" in data) updated.output = data.output;
+        if (Object.hasOwn(data, "output")) updated.output = data.output;
         if (failed) updated.error = data.error;
         updated.status = failed ? "failed" : "completed";
         message.tools[k] = updated;
@@ -254,7 +266,7 @@ export function applyEvent(state, event) {
     }
     case "usage":
       for (const [key, value] of Object.entries(data)) {
-        if (typeof value === "number") state.usage[key] = (state.usage[key] || 0) + value;
+        if (typeof value === "number") setOwn(state.usage, key, (own(state.usage, key) ?? 0) + value);
       }
       break;
     case "input_required":

@@ -444,6 +444,7 @@ export function mountThreadView(root, app, threadId) {
   // -- operations ------------------------------------------------------------------------
   /** Run a thread op at the revision shown; true when it was applied. */
   async function op(name, fields = {}) {
+    if (!busy && !thread && !gone) await load(); // sent before the first read came back
     if (busy || !thread) return false;
     setBusy(true);
     notice.textContent = "";

@@ -101,10 +101,11 @@ function label(name, schema) {
 
 /**
  * A form for a JSON schema: an object schema gives one field per property, any other
- * schema one field called "value". Returns {element, read, focus}; `read()` returns
- * {value} or {error} (and marks the offending field).
+ * schema one field called "value". Returns {element, read, focus, show}; `read()` returns
+ * {value} or {error} (and marks the offending field). The fields named in `hidden` start
+ * hidden; `show(name, visible)` shows or hides a field, and a hidden field is not read.
  */
-export function schemaForm(schema, { prefix = "f" } = {}) {
+export function schemaForm(schema, { prefix = "f", hidden = [] } = {}) {
   const id = `${prefix}${++formCounter}`;
   const isObject = schema && (schema.type === "object" || schema.properties);
   const props = isObject ? schema.properties || {} : { value: schema || { type: "string" } };
@@ -149,19 +150,20 @@ export function schemaForm(schema, { prefix = "f" } = {}) {
     if (isRequired && kind.type !== "boolean") input.required = true;
     const row = h(
       "div",
-      { class: `field field-${kind.type}` },
+      { class: `field field-${kind.type}`, hidden: hidden.includes(name), dataset: { field: name } },
       h("label", { for: inputId }, isObject ? label(name, prop) : "Answer", isRequired && isObject ? " *" : ""),
       input,
       hint ? h("small", { class: "hint" }, hint) : null,
     );
     element.append(row);
-    fields.push({ name, kind, input, required: isRequired });
+    fields.push({ name, kind, input, row, required: isRequired });
   }
 
   function read() {
     const value = {};
     for (const field of fields) {
       const { name, kind, input } = field;
+      if (field.row.hidden) continue;
       input.removeAttribute("aria-invalid");
       const fail = (message) => {
         input.setAttribute("aria-invalid", "true");
@@ -200,7 +202,12 @@ export function schemaForm(schema, { prefix = "f" } = {}) {
     return { value: isObject ? value : value.value };
   }
 
-  return { element, read, focus: () => fields[0]?.input.focus() };
+  function show(name, visible) {
+    const field = fields.find((f) => f.name === name);
+    if (field) field.row.hidden = !visible;
+  }
+
+  return { element, read, show, focus: () => fields.find((f) => !f.row.hidden)?.input.focus() };
 }
 
 // -- a run's message: thinking, tool cards, text, input request, error ---------------------
@@ -239,18 +246,29 @@ export class MessageView {
     }
     const err = state.error;
     let errorText = null;
-    if (err) errorText = `${state.status === "failed" ? "Failed" : "Error"}: ${err.code ?? ""} ${err.message ?? ""}`;
+    if (err) errorText = `${state.status === "failed" ? "Failed" : "Error"}: ${describeError(err)}`;
     this.error.hidden = !errorText;
     this.error.textContent = errorText || "";
   }
 }
 
+/** An error as people read it: "code: message", a string as it is, else its JSON. */
+function describeError(err) {
+  if (typeof err === "string") return err;
+  if (err && typeof err === "object" && (typeof err.code === "string" || typeof err.message === "string")) {
+    return [err.code, err.message].filter((part) => typeof part === "string" && part).join(": ");
+  }
+  return json(err, 0);
+}
+
 function toolCard(tool) {
   const result =
     tool.status === "failed"
-      ? h("pre", { class: "tool-error" }, typeof tool.error === "string" ? tool.error : json(tool.error))
+      ? h("pre", { class: "tool-error" }, describeError(tool.error))
       : tool.status === "completed"
-        ? h("pre", { class: "tool-output" }, json(tool.output ?? null))
+        ? tool.output === undefined || tool.output === null
+          ? h("div", { class: "tool-output hint" }, "done, no output")
+          : h("pre", { class: "tool-output", dataset: { raw: "" } }, typeof tool.output === "string" ? tool.output : json(tool.output))
         : h("div", { class: "tool-pending" }, "running…");
   return h(
     "div",
@@ -263,7 +281,7 @@ function toolCard(tool) {
       h("code", { class: "tool-id" }, tool.id || ""),
       statusBadge(tool.status),
     ),
-    h("details", { class: "tool-args" }, h("summary", {}, "Arguments"), h("pre", {}, json(tool.args ?? {}))),
+    h("details", { class: "tool-args" }, h("summary", {}, "Arguments"), h("pre", { dataset: { raw: "" } }, json(tool.args ?? {}))),
     result,
   );
 }

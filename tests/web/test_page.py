@@ -63,21 +63,39 @@ def connected(tab: Tab) -> None:
     expect(by_id(tab, "conn")).to_have_attribute("data-state", "connected")
 
 
-def delivered(tab: Tab, run_id: str) -> list[int]:
-    """The indexes of every event the page's client delivered for ``run_id``."""
-    indexes: list[int] = tab.page.evaluate(
-        "(id) => window.runcast.runs.models.get(id).model.events.map((e) => e.i)", run_id
-    )
-    return indexes
+MODEL = """(id) => {
+  const m = window.runcast.runs.models.get(id).model;
+  return { cursor: m.cursor, from: m.from, delivered: m.delivered, gaps: m.gaps,
+           tail: m.tail.map((e) => e.i), state: m.state };
+}"""
+
+
+def held(tab: Tab, run_id: str) -> dict[str, Any]:
+    """What the page's model of ``run_id`` holds: its cursor (the last index folded),
+    the snapshot index it opened from, how many events were delivered since (and how
+    many out of order), the indexes of its tail of latest events, and its state."""
+    model: dict[str, Any] = tab.page.evaluate(MODEL, run_id)
+    return model
+
+
+def cursor(tab: Tab, run_id: str) -> int:
+    """The last index the page's client delivered for ``run_id``."""
+    return int(held(tab, run_id)["cursor"])
 
 
 def assert_whole(tab: Tab, run_id: str, snap: dict[str, Any]) -> None:
-    """The page shows the run's final text, it got every event exactly once, and its own
-    fold of them (runcast.js) is the server's snapshot."""
+    """The page shows the run's final text, it got every event after the snapshot it
+    opened from exactly once and in order, its tail of latest events ends at the last
+    index, and its fold (runcast.js, on the server's snapshot) is the server's state."""
     assert by_id(tab, "run-text").text_content() == snap["state"]["message"]["content"]
-    assert delivered(tab, run_id) == list(range(1, snap["index"] + 1))
-    folded = tab.page.evaluate("(id) => window.runcast.runs.models.get(id).model.state", run_id)
-    assert folded == snap["state"]
+    model = held(tab, run_id)
+    assert model["cursor"] == snap["index"]
+    assert model["gaps"] == 0
+    assert model["delivered"] == model["cursor"] - model["from"]
+    tail = model["tail"]
+    assert tail == list(range(snap["index"] - len(tail) + 1, snap["index"] + 1))
+    assert len(tail) <= 1000  # the page holds the latest events only
+    assert model["state"] == snap["state"]
 
 
 def test_two_pages_show_the_same_text_as_the_snapshot(open_tab: Any, web_server: Spawned) -> None:
@@ -136,7 +154,7 @@ def test_stop_in_one_page_ends_the_run_in_the_other_within_a_second(
 def test_a_page_that_goes_offline_resumes_without_a_gap_or_a_duplicate(
     open_tab: Any, web_server: Spawned
 ) -> None:
-    run_id = start_run(web_server, "demo", {"tokens": 150, "speed": 50})
+    run_id = start_run(web_server, "demo", {"tokens": 300, "speed": 50})
     a = open_tab(f"/#/runs/{run_id}")
     connected(a)
     expect(by_id(a, "run-text")).not_to_be_empty()
@@ -144,10 +162,10 @@ def test_a_page_that_goes_offline_resumes_without_a_gap_or_a_duplicate(
 
     a.context.set_offline(True)
     expect(by_id(a, "conn")).to_have_attribute("data-state", "offline")
-    held = max(delivered(a, run_id))
+    before = cursor(a, run_id)
     # The run goes on without the page: let it write 25 more events.
-    assert wait_for_index(web_server, run_id, held + 25) >= held + 25
-    assert max(delivered(a, run_id)) == held  # the page really heard nothing meanwhile
+    assert wait_for_index(web_server, run_id, before + 25) >= before + 25
+    assert cursor(a, run_id) == before  # the page really heard nothing meanwhile
 
     a.context.set_offline(False)
     connected(a)
@@ -158,7 +176,7 @@ def test_a_page_that_goes_offline_resumes_without_a_gap_or_a_duplicate(
 
 
 def test_reloading_a_deep_link_resumes_the_run(open_tab: Any, web_server: Spawned) -> None:
-    run_id = start_run(web_server, "demo", {"tokens": 150, "speed": 50})
+    run_id = start_run(web_server, "demo", {"tokens": 300, "speed": 50})
     a = open_tab(f"/#/runs/{run_id}")
     expect(by_id(a, "run-text")).to_have_text(re.compile(r"\w+ \w+"))
     expect(by_id(a, "run-status")).to_have_text("running")
@@ -278,7 +296,7 @@ def test_a_server_crash_resets_the_page_to_what_the_server_kept(open_tab: Any, s
         "  if (f.type === 'reset') window.resets++; }); }"
     )
     a.page.wait_for_function(  # past the first flush
-        "(id) => window.runcast.runs.models.get(id)?.model.events.length >= 70", arg=run_id
+        "(id) => window.runcast.runs.models.get(id)?.model.cursor >= 70", arg=run_id
     )
 
     first.process.kill()
@@ -291,10 +309,10 @@ def test_a_server_crash_resets_the_page_to_what_the_server_kept(open_tab: Any, s
     assert a.page.evaluate("window.resets") == 1
     snap = snapshot(second, run_id)
     assert snap["state"]["status"] == "interrupted"
-    # The reset replaced what the page held by the server's log (read back over HTTP).
+    # The reset replaced what the page held by the server's snapshot and log.
     expect(by_id(a, "run-text")).to_have_text(snap["state"]["message"]["content"])
-    a.page.wait_for_function(
-        "([id, n]) => window.runcast.runs.models.get(id).model.events.length === n",
-        arg=[run_id, snap["index"]],
-    )
     assert_whole(a, run_id, snap)
+    # The inspector shows the server's log as it is now, up to its terminal event.
+    last = a.page.locator("[data-testid=inspector] tbody tr:not([hidden])").last
+    expect(last).to_have_attribute("data-i", str(snap["index"]))
+    expect(last.locator("td").nth(1)).to_have_text("status")
