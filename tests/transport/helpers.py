@@ -1,5 +1,6 @@
 """Small helpers for the end-to-end transport tests: a WebSocket client wrapper, an SSE
-reader, and a reference fold of PROTOCOL.md §1 written independently of app/core."""
+reader, and the client-side fold of PROTOCOL.md §1 (app/core's reducer: its own table and
+property tests, tests/core/test_snapshot.py, hold it to the protocol)."""
 
 from __future__ import annotations
 
