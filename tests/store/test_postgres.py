@@ -60,9 +60,9 @@ async def pg_url() -> AsyncIterator[str]:
     try:
         admin = await asyncpg.connect(ADMIN_URL, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {redact(ADMIN_URL)} is not reachable: {exc}")
-        pytest.skip(f"PostgreSQL at {redact(ADMIN_URL)} is not reachable: {exc}")
+        # Never a skip: a test that does not run checks nothing. The README says what
+        # these tests need.
+        pytest.fail(f"PostgreSQL at {redact(ADMIN_URL)} is not reachable: {exc}")
     name = f"runcast_test_{secrets.token_hex(6)}"
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
