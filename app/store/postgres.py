@@ -58,7 +58,9 @@ from asyncpg.pool import PoolConnectionProxy
 from app.core.events import TERMINAL_STATUSES, Event, JsonObject, RunStatus, decode, encode
 from app.core.turns import Turn
 from app.errors import ConflictError, NotFoundError, StoreError
+from app.store import paging
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
+from app.store.paging import Dialect
 
 logger = logging.getLogger(__name__)
 
@@ -198,59 +200,25 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _page_query(
-    table: str,
-    id_column: str,
-    columns: str,
-    where: list[str],
-    params: list[Any],
-    metadata: Sequence[tuple[str, str]],
-    before: Key | None,
-    limit: int,
-) -> tuple[str, tuple[Any, ...]]:
-    """A page of ``table``, newest first by (created_at, id), after the ``before`` key:
-    one range of an index ending in (created_at, id), as in ``store/sqlite.py``. A
-    metadata filter (a top-level key whose value is that string) is checked on the rows
-    of that range: ``@>`` of a one-key object with a string value is exactly that."""
-    where = list(where)
-    params = list(params)
-    for key, value in metadata:
-        params.extend((key, value))
-        where.append(
-            f"metadata @> jsonb_build_object(${len(params) - 1}::text, ${len(params)}::text)"
-        )
-    if before is not None:
-        params.extend(before)
-        where.append(f"(created_at, {id_column}) < (${len(params) - 1}, ${len(params)})")
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    params.append(limit)
-    sql = (
-        f"SELECT {columns} FROM {table}{clause}"
-        f" ORDER BY created_at DESC, {id_column} DESC LIMIT ${len(params)}"
-    )
-    return sql, tuple(params)
+POSTGRES = Dialect(
+    placeholder=lambda n: f"${n}",
+    # @> of a one-key object with a string value: that key holds exactly that string.
+    metadata_match=lambda table, key, value: (
+        f"metadata @> jsonb_build_object({key}::text, {value}::text)"
+    ),
+)
 
 
 def run_page_query(query: RunQuery, before: Key | None, limit: int) -> tuple[str, tuple[Any, ...]]:
     """The SQL and parameters of a page of runs (its query plan is tested)."""
-    where: list[str] = []
-    params: list[Any] = []
-    for column, value in (
-        ("thread_id", query.thread_id),
-        ("status", query.status),
-        ("agent", query.agent),
-    ):
-        if value is not None:
-            params.append(value)
-            where.append(f"{column} = ${len(params)}")
-    return _page_query("runs", "run_id", _RUN_COLUMNS, where, params, query.metadata, before, limit)
+    return paging.run_page_query(POSTGRES, _RUN_COLUMNS, query, before, limit)
 
 
 def thread_page_query(
     metadata: Sequence[tuple[str, str]], before: Key | None, limit: int
 ) -> tuple[str, tuple[Any, ...]]:
     """The SQL and parameters of a page of threads (its query plan is tested)."""
-    return _page_query("threads", "thread_id", _THREAD_COLUMNS, [], [], metadata, before, limit)
+    return paging.thread_page_query(POSTGRES, _THREAD_COLUMNS, metadata, before, limit)
 
 
 def _run_from_row(row: asyncpg.Record) -> RunRecord:

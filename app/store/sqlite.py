@@ -20,7 +20,9 @@ import aiosqlite
 from app.core.events import TERMINAL_STATUSES, Event, JsonObject, decode, encode
 from app.core.turns import Turn
 from app.errors import StoreError
+from app.store import paging
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
+from app.store.paging import Dialect
 
 logger = logging.getLogger(__name__)
 
@@ -139,62 +141,25 @@ _TERMINAL = tuple(sorted(status.value for status in TERMINAL_STATUSES))
 BUSY_TIMEOUT_MS = 5_000  # what the connection waits for a lock (sqlite3's own default)
 
 
-def _page_query(
-    table: str,
-    id_column: str,
-    columns: str,
-    where: list[str],
-    params: list[Any],
-    metadata: Sequence[tuple[str, str]],
-    before: Key | None,
-    limit: int,
-) -> tuple[str, tuple[Any, ...]]:
-    """A page of ``table``, newest first by (created_at, id), after the ``before`` key.
-
-    With no filter or an equality filter on an indexed column, the page is one range of
-    an index ending in (created_at, id): keyset paging, whatever the page's depth. A
-    metadata filter is checked on the rows of that range, each a top-level key whose value
-    must be that string.
-    """
-    where = list(where)
-    params = list(params)
-    for key, value in metadata:
-        where.append(
-            f"EXISTS (SELECT 1 FROM json_each({table}.metadata)"
-            " WHERE key = ? AND type = 'text' AND value = ?)"
-        )
-        params.extend((key, value))
-    if before is not None:
-        where.append(f"(created_at, {id_column}) < (?, ?)")
-        params.extend(before)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    params.append(limit)
-    sql = (
-        f"SELECT {columns} FROM {table}{clause} ORDER BY created_at DESC, {id_column} DESC LIMIT ?"
-    )
-    return sql, tuple(params)
+SQLITE = Dialect(
+    placeholder=lambda n: "?",
+    metadata_match=lambda table, key, value: (
+        f"EXISTS (SELECT 1 FROM json_each({table}.metadata)"
+        f" WHERE key = {key} AND type = 'text' AND value = {value})"
+    ),
+)
 
 
 def run_page_query(query: RunQuery, before: Key | None, limit: int) -> tuple[str, tuple[Any, ...]]:
     """The SQL and parameters of a page of runs (its query plan is tested)."""
-    where: list[str] = []
-    params: list[Any] = []
-    for column, value in (
-        ("thread_id", query.thread_id),
-        ("status", query.status),
-        ("agent", query.agent),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    return _page_query("runs", "run_id", _RUN_COLUMNS, where, params, query.metadata, before, limit)
+    return paging.run_page_query(SQLITE, _RUN_COLUMNS, query, before, limit)
 
 
 def thread_page_query(
     metadata: Sequence[tuple[str, str]], before: Key | None, limit: int
 ) -> tuple[str, tuple[Any, ...]]:
     """The SQL and parameters of a page of threads (its query plan is tested)."""
-    return _page_query("threads", "thread_id", _THREAD_COLUMNS, [], [], metadata, before, limit)
+    return paging.thread_page_query(SQLITE, _THREAD_COLUMNS, metadata, before, limit)
 
 
 def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
