@@ -214,16 +214,30 @@ def http_url_of(ws_url: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-def _get_json(url: str, token: str | None, timeout_s: float) -> JsonObject:
-    """GET ``url`` (blocking; run in a thread). Raises: ClientError (the server's error
-    object), ConnectionLostError (no answer)."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+def request_json(
+    url: str,
+    token: str | None,
+    timeout_s: float,
+    *,
+    method: str = "GET",
+    body: JsonObject | None = None,
+) -> JsonObject:
+    """One JSON request to ``url`` (blocking: run it in a thread from async code).
+
+    Raises: ClientError (the server's error object), ConnectionLostError (no answer).
+    """
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Accept": "application/json"}
+    )
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body: JsonObject = json.loads(response.read())
-            return body
+            answer: JsonObject = json.loads(response.read())
+            return answer
     except urllib.error.HTTPError as exc:
         try:
             error = json.loads(exc.read()).get("error")
@@ -409,7 +423,7 @@ class Client:
     async def _get(self, path: str, params: list[tuple[str, str]]) -> JsonObject:
         query = urllib.parse.urlencode(params)
         url = f"{self.http_url}{path}" + (f"?{query}" if query else "")
-        return await asyncio.to_thread(_get_json, url, self.token, self.open_timeout_s)
+        return await asyncio.to_thread(request_json, url, self.token, self.open_timeout_s)
 
     async def list_runs(
         self,

@@ -15,12 +15,10 @@ import asyncio
 import json
 import os
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, TextIO
 
-from app.client import ClientError, Watch
+from app.client import ClientError, ConnectionLostError, Watch, request_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 JsonObject = dict[str, Any]
@@ -33,60 +31,60 @@ class CommandError(Exception):
 def add_commands(commands: Any) -> None:
     """Add the client commands to ``runcast``'s subparsers."""
 
-    def common(parser: argparse.ArgumentParser) -> None:
+    def command(name: str, summary: str, description: str, example: str) -> Any:
+        parser = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=f"example: {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         parser.add_argument(
             "--url", help=f"the server (RUNCAST_URL; default {DEFAULT_URL})", default=None
         )
         parser.add_argument("--token", help="a token, in token mode (RUNCAST_TOKEN)")
+        return parser
 
-    runs = commands.add_parser(
+    runs = command(
         "runs",
-        help="list runs, newest first",
-        description="List runs, newest first.",
-        epilog="example: runcast runs --status running --limit 20",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "list runs, newest first",
+        "List runs, newest first.",
+        "runcast runs --status running --limit 20",
     )
-    common(runs)
     runs.add_argument("--status", help="only runs in this status (running, completed, ...)")
     runs.add_argument("--thread", dest="thread_id", help="only runs of this thread")
     runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     runs.add_argument("--json", action="store_true", help="print the RunInfo objects as JSON")
 
-    watch = commands.add_parser(
+    watch = command(
         "watch",
-        help="follow a run in the terminal",
-        description="Follow a run: its text as it streams, tool calls and status changes. "
+        "follow a run in the terminal",
+        "Follow a run: its text as it streams, tool calls and status changes. "
         "A dropped connection or a restarted server is resumed without a gap; Ctrl-C "
         "leaves the run running.",
-        epilog="example: runcast watch run_3kT... --after 0",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "runcast watch run_3kT... --after 0",
     )
-    common(watch)
     watch.add_argument("run_id")
     watch.add_argument("--after", type=int, default=0, help="start after this index (0: all)")
     watch.add_argument("--events", action="store_true", help="print every event as JSON")
 
-    start = commands.add_parser(
+    start = command(
         "start",
-        help="start a run",
-        description="Start a run of AGENT and print its RunInfo (or follow it with --watch).",
-        epilog="example: runcast start demo --input '{\"tokens\": 40}' --watch",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "start a run",
+        "Start a run of AGENT and print its RunInfo (or follow it with --watch).",
+        "runcast start demo --input '{\"tokens\": 40}' --watch",
     )
-    common(start)
     start.add_argument("agent")
     start.add_argument("--input", default="{}", help="the agent's input, a JSON object")
     start.add_argument("--thread", dest="thread_id", help="start it in this thread")
     start.add_argument("--watch", action="store_true", help="then follow it")
 
-    stop = commands.add_parser(
+    stop = command(
         "stop",
-        help="stop a run",
-        description="Ask a run to stop; prints whether it was stopping and its status.",
-        epilog="example: runcast stop run_3kT...",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "stop a run",
+        "Ask a run to stop; prints whether it was stopping and its status.",
+        "runcast stop run_3kT...",
     )
-    common(stop)
     stop.add_argument("run_id")
 
 
@@ -228,23 +226,9 @@ def _http(
     base: str, token: str | None, method: str, path: str, body: JsonObject | None = None
 ) -> JsonObject:
     """One JSON request. Raises: CommandError (the server's error, or no server)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method)
-    request.add_header("Accept", "application/json")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer: JsonObject = json.loads(response.read())
-            return answer
-    except urllib.error.HTTPError as exc:
-        try:
-            error = json.loads(exc.read())["error"]
-            raise CommandError(f"{error['code']}: {error['message']}") from None
-        except (ValueError, KeyError, TypeError):
-            raise CommandError(f"HTTP {exc.code} from {base}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CommandError(f"cannot reach {base}: {reason}") from None
+        return request_json(base + path, token, 30.0, method=method, body=body)
+    except ConnectionLostError as exc:
+        raise CommandError(f"cannot reach {base}: {exc.message}") from None
+    except ClientError as exc:
+        raise CommandError(f"{exc.code}: {exc.message}") from None
