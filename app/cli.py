@@ -598,6 +598,8 @@ def _problem(
     name = str(error["loc"][0]) if error["loc"] else ""
     message = error["msg"].removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
+    if not name:  # a rule over several settings (broker with a SQLite db): its own words
+        return f"--{message}"
     return f"{_source(name, flags, setting_flags)}: {message} (got {error['input']!r})"
 
 

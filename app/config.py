@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -48,12 +48,15 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # The groups of `runcast serve --help`, in order, with what each says above its flags.
 SERVER = "server"
 RUNS = "runs and storage"
+CLUSTER = "several nodes"
 ACCESS = "access"
 LIMITS = "limits"
 OPENAI = "the openai agent"
 GROUPS: dict[str, str] = {
     SERVER: "",
     RUNS: "",
+    CLUSTER: "Nodes that share one PostgreSQL --db and one Redis --broker are one service "
+    "(docs/operations.md, 'Running several nodes').",
     ACCESS: "Without a token the server is open to whoever reaches it, so it listens on "
     "loopback only.",
     LIMITS: "Past a limit a client is answered with an error it can act on, and no other "
@@ -161,6 +164,26 @@ class Settings(BaseSettings):
     default_agent: Annotated[str, Option("--default-agent", RUNS, "NAME")] = Field(
         "demo", description="the agent of a thread operation that names none"
     )
+    # -- several nodes (PROTOCOL.md §9) --------------------------------------------------
+    broker: Annotated[str | None, Option("--broker", CLUSTER, "URL", "one node, no broker")] = (
+        Field(
+            None,
+            description="a Redis URL (redis://host:6379/0?prefix=NAME): this process is a "
+            "node of the cluster of the processes that share it and the PostgreSQL database",
+        )
+    )
+    node_id: Annotated[str | None, Option("--node-id", CLUSTER, "NAME", "host and pid")] = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="this node's name in the cluster; unique among the nodes",
+    )
+    lease_s: Annotated[float, Option("--lease", CLUSTER, "SECONDS")] = Field(
+        5.0,
+        ge=1,
+        le=300,
+        description="seconds a node's hold on its runs lasts unrenewed; a node silent that "
+        "long has its runs ended `node_lost` by another",
+    )
     # -- access (PROTOCOL.md §8) ---------------------------------------------------------
     token_file: Annotated[Path | None, Option("--token-file", ACCESS, "FILE")] = Field(
         None,
@@ -265,6 +288,22 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not is_database_url(value):
             return Path(value)
         return value
+
+    @field_validator("broker")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("broker must be a redis:// (or rediss://, unix://) URL")
+        return value or None
+
+    @model_validator(mode="after")
+    def _broker_needs_a_shared_database(self) -> Settings:
+        if self.broker is not None and not is_database_url(self.db):
+            raise ValueError(
+                "broker needs a PostgreSQL --db (postgresql://...): the nodes of a cluster "
+                "share one database, and a SQLite file belongs to one process"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod

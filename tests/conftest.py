@@ -82,7 +82,17 @@ async def stop_server(server: uvicorn.Server, task: asyncio.Task[None], runtime:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    """A real runcast server (uvicorn, SQLite file) on 127.0.0.1 and a free port."""
+    """A real runcast server (uvicorn, SQLite file) on 127.0.0.1 and a free port.
+
+    With ``RUNCAST_TEST_CLUSTER=1``: three nodes of a cluster (a PostgreSQL database and
+    a Redis prefix of their own) behind a proxy that sends every connection to a random
+    node; ``runtime`` is the first node's."""
+    if os.environ.get("RUNCAST_TEST_CLUSTER") == "1":
+        from tests.cluster.nodes import random_node_cluster
+
+        async with random_node_cluster(flush_interval_s=0.05) as info:
+            yield info
+        return
     info, uv, task = await start_server(tmp_path / "runcast.db", flush_interval_s=0.05)
     try:
         yield info

@@ -49,6 +49,9 @@ EXPECTED: dict[str, tuple[str | None, tuple[str, ...]]] = {
         ("RUNCAST_FLUSH_INTERVAL_S", "RUNCAST_FLUSH_INTERVAL"),
     ),
     "linger_s": ("--linger", ("RUNCAST_LINGER_S", "RUNCAST_LINGER")),
+    "broker": ("--broker", ("RUNCAST_BROKER",)),
+    "node_id": ("--node-id", ("RUNCAST_NODE_ID",)),
+    "lease_s": ("--lease", ("RUNCAST_LEASE_S", "RUNCAST_LEASE")),
     "stop_grace_s": ("--stop-grace", ("RUNCAST_STOP_GRACE_S", "RUNCAST_STOP_GRACE")),
     "shutdown_grace_s": (
         "--shutdown-grace",

@@ -210,7 +210,14 @@ def test_engine_and_store_know_nothing_of_access(path: Path) -> None:
 # (app.agents.builtin), and the openai agent when the settings configure one (imported
 # there, lazily), into a registry (app.agents.registry). Every other transport module
 # reaches an agent through the engine, by name.
-TRANSPORT_ALLOWED = ("app.transport", "app.access", "app.engine", "app.store", "app.core")
+TRANSPORT_ALLOWED = (
+    "app.transport",
+    "app.access",
+    "app.cluster",
+    "app.engine",
+    "app.store",
+    "app.core",
+)
 TRANSPORT_ALLOWED_LEAVES = ("app.errors", "app.config")
 TRANSPORT_AGENTS_ALLOWED = {
     "app/transport/app.py": {
@@ -242,6 +249,18 @@ def test_transport_imports_only_the_layers_below_it(path: Path) -> None:
         for name in app_names(imported_names(path))
         if not any(within(name, layer) for layer in TRANSPORT_ALLOWED + TRANSPORT_ALLOWED_LEAVES)
         and name not in agents_allowed
+    }
+    assert not bad, f"{module_name(path)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", modules("cluster"), ids=module_name)
+def test_the_cluster_is_a_backend_of_the_engine(path: Path) -> None:
+    # A node's manager and its broker: the engine, the store and core below them, nothing
+    # that serves clients or runs agents.
+    bad = {
+        name
+        for name in imported_names(path)
+        if any(within(name, layer) for layer in ("app.transport", "app.agents", "app.access"))
     }
     assert not bad, f"{module_name(path)} imports {sorted(bad)}"
 

@@ -49,6 +49,8 @@ class Flusher:
         self.failures = 0  # writes that failed, over the flusher's life
         # Told (seconds, events) after each write that succeeded.
         self.on_flush: Callable[[float, int], None] | None = None
+        # Told of each run the store refused because another node owns it now.
+        self.on_fenced: Callable[[LiveRun], None] | None = None
 
     def mark_dirty(self, run: LiveRun) -> None:
         self._dirty[run.run_id] = run
@@ -69,7 +71,7 @@ class Flusher:
             began = time.perf_counter()
             try:
                 batch = [run.unflushed() for run in runs]
-                await self.store.write(batch)
+                fenced = await self.store.write(batch) or ()
             except BaseException as exc:
                 for run in runs:
                     self._dirty.setdefault(run.run_id, run)
@@ -79,7 +81,13 @@ class Flusher:
                 raise
             took_s = time.perf_counter() - began
             for run, item in zip(runs, batch, strict=True):
-                run.mark_flushed(item.record.last_index)
+                if run.run_id in fenced:
+                    # Another node took the run over: nothing more of it is ours to write.
+                    run.fenced = True
+                    if self.on_fenced is not None:
+                        self.on_fenced(run)
+                else:
+                    run.mark_flushed(item.record.last_index)
             self.flushes += 1
             self.store_degraded = False
             if self.on_flush is not None:

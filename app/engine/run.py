@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import copy
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,8 @@ class LiveRun:
         # Persistence bookkeeping, owned by the flusher.
         self.flushed_index = 0
         self.record_flushed = False
+        # Several nodes: another node took the run over; nothing more of it is written.
+        self.fenced = False
         self.staged: Event | None = None
         self.keyframes: list[tuple[int, str]] = []  # not yet on disk: (index, state JSON)
         # Task bookkeeping, owned by the manager.
@@ -422,6 +424,34 @@ class LiveRun:
         self._ended.set()
         self._wake()
 
+    def absorb(self, events: Sequence[Event], flushed: int = 0) -> None:
+        """A mirror's append (several nodes): events the run's owner appended, oldest
+        first, as its broker delivers them; those already held are skipped, and a terminal
+        status event ends the mirror. ``flushed``: the owner's index on disk, up to which
+        the mirror may trim its log (older reads page from the store)."""
+        log = self.log
+        for event in events:
+            if event.index <= log.last_index:
+                continue
+            assert event.index == log.last_index + 1, f"gap in mirror of {self.run_id}"
+            log.add(event)
+            snapshot.apply(self.state, event.type, event.data)
+            self.updated_at = event.ts
+            if event.type == ev.STATUS and RunStatus(event.data["status"]).is_terminal:
+                self._ended.set()
+        if flushed > self.flushed_index:
+            self.flushed_index = min(flushed, log.last_index)
+        tail = self.retention.tail_events
+        if len(log) > tail + tail // 4:
+            log.trim_before(min(self.flushed_index + 1, log.last_index - tail + 1))
+        self._wake()
+
+    def cut_off(self) -> None:
+        """End a mirror whose log is no longer the run's (a new epoch): its readers stop,
+        with no terminal event."""
+        self._ended.set()
+        self._wake()
+
     def mark_deleted(self) -> None:
         """The run was erased (it had ended): wake every reader, each to find ``deleted``
         set and nothing more to read, and drop the log's tail."""
@@ -484,5 +514,7 @@ class LiveRun:
 
     @property
     def needs_flush(self) -> bool:
+        if self.fenced:
+            return False
         target = self.staged.index if self.staged is not None else self.log.last_index
         return not self.record_flushed or self.flushed_index < target

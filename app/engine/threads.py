@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from app.core import turns as turns_
 from app.core.events import JsonObject, RunStatus
@@ -24,7 +24,7 @@ from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.records import check_metadata
 from app.engine.run import LiveRun
 from app.errors import BadRequestError, ConflictError, NotFoundError, RunInProgressError
-from app.store.base import Store, ThreadRecord
+from app.store.base import RunWrite, Store, ThreadRecord
 
 if TYPE_CHECKING:
     from app.engine.manager import EngineSettings
@@ -32,6 +32,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MULTITASK_STRATEGIES = ("reject", "interrupt", "enqueue", "rollback")
+
+
+class HasInfo(Protocol):
+    """A run as a thread change shows it: a LiveRun, or the RunInfo another node sent."""
+
+    def info(self) -> JsonObject: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run known by its RunInfo only (told by another node)."""
+
+    data: JsonObject
+
+    def info(self) -> JsonObject:
+        return self.data
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +59,7 @@ class ThreadChanged:
     thread_id: str
     change: str
     revision: int
-    run: LiveRun | None = None
+    run: HasInfo | None = None
 
 
 ThreadListener = Callable[[ThreadChanged], None]
@@ -148,11 +164,21 @@ class ThreadOperations:
             if not listeners:
                 del self._thread_listeners[thread_id]
 
-    def _notify_thread(self, thread_id: str, change: str, run: LiveRun | None = None) -> None:
+    def _notify_thread(
+        self,
+        thread_id: str,
+        change: str,
+        run: HasInfo | None = None,
+        revision: int | None = None,
+    ) -> None:
+        """Tell the thread's listeners of ``change`` (at ``revision``, default the last
+        this process knows)."""
         listeners = self._thread_listeners.get(thread_id)
         if not listeners:
             return
-        event = ThreadChanged(thread_id, change, self._revisions.get(thread_id, 0), run)
+        if revision is None:
+            revision = self._revisions.get(thread_id, 0)
+        event = ThreadChanged(thread_id, change, revision, run)
         for listener in list(listeners):
             try:
                 listener(event)
@@ -165,11 +191,13 @@ class ThreadOperations:
 
         An assistant turn of a run in memory shows the run's current text and status.
         """
-        turns = {
-            t.turn_id: self._live_turn(t) for t in await self.store.load_turns(thread.thread_id)
-        }
+        turns = {t.turn_id: t for t in await self._turns_now(thread.thread_id)}
         shown = turns.values() if all_turns else turns_.active_path(turns, thread.head)
         return {**self.thread_info(thread), "turns": [turn.to_dict() for turn in shown]}
+
+    async def _turns_now(self, thread_id: str) -> list[turns_.Turn]:
+        """The thread's turns, each of a run in memory as the run is now."""
+        return [self._live_turn(turn) for turn in await self.store.load_turns(thread_id)]
 
     def _live_turn(self, turn: turns_.Turn) -> turns_.Turn:
         run = self.runs.get(turn.run_id or "")
@@ -314,7 +342,8 @@ class ThreadOperations:
             self._check_capacity()
             self._live_runs += 1
         try:
-            await self.store.write_thread(updated, new_turns, [run.unflushed()] if run else [])
+            read = updated.revision - (1 if bump else 0)
+            await self._write_thread(updated, new_turns, [run.unflushed()] if run else [], read)
         except BaseException:
             if run is not None:
                 self._live_runs -= 1
@@ -334,6 +363,17 @@ class ThreadOperations:
         if bump:
             self._notify_thread(thread_id, "updated", run)
         return stopped
+
+    async def _write_thread(
+        self,
+        thread: ThreadRecord,
+        turns: list[turns_.Turn],
+        runs: list[RunWrite],
+        read_revision: int,
+    ) -> None:
+        """Write a decided change (``read_revision``: the revision it was decided on; one
+        process's thread lock already keeps it from moving on meanwhile)."""
+        await self.store.write_thread(thread, turns, runs)
 
     async def _head_before(
         self, run: LiveRun, turns: dict[str, turns_.Turn], head: str | None

@@ -102,8 +102,9 @@ class Store(Protocol):
 
     async def turn_of_run(self, run_id: str) -> tuple[str, str | None] | None: ...
 
-    async def write(self, batch: Sequence[RunWrite]) -> None:
-        """Write every run of ``batch`` (rows and events) in ONE transaction."""
+    async def write(self, batch: Sequence[RunWrite]) -> Sequence[str] | None:
+        """Write every run of ``batch`` (rows and events) in ONE transaction. Several
+        nodes: returns the ids of runs not written because another node owns them now."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...

@@ -57,7 +57,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from app.core.events import TERMINAL_STATUSES, Event, JsonObject, RunStatus, decode, encode
 from app.core.turns import Turn
-from app.errors import ConflictError, NotFoundError, StoreError
+from app.errors import ConflictError, NotFoundError, RunInProgressError, StoreError
 from app.store import paging
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
 from app.store.paging import Dialect
@@ -70,6 +70,7 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErr
 # The statuses of an active run: at most one run of a thread has one of them.
 ACTIVE_STATUSES = (RunStatus.RUNNING.value, RunStatus.REQUIRES_ACTION.value)
 _ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
+_LIVE_SQL = ", ".join(f"'{status.value}'" for status in RunStatus if not status.is_terminal)
 
 # Each entry upgrades the schema by one version, in its own transaction. Append, never
 # edit: databases in the field went through the old entries as they were.
@@ -143,9 +144,22 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX shares_revoked ON shares (expires_at) WHERE revoked_at IS NOT NULL;
     CREATE INDEX shares_by_resource ON shares (resource_id);
     """,
+    # 2: several nodes: the node that owns each live run (its writes are fenced on it),
+    # and the stop and respond signals recorded until the owner acts on them
+    f"""
+    ALTER TABLE runs ADD COLUMN owner text COLLATE "C";
+    CREATE INDEX runs_live_by_owner ON runs (owner) WHERE status IN ({_LIVE_SQL});
+    CREATE TABLE signals (
+        signal_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        run_id     text COLLATE "C" NOT NULL,
+        body       text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE INDEX signals_by_run ON signals (run_id);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-TABLES = ("meta", "threads", "runs", "events", "keyframes", "turns", "shares")
+TABLES = ("meta", "threads", "runs", "events", "keyframes", "turns", "shares", "signals")
 
 # Any constant: the key of the advisory lock migrations take (pg_advisory_xact_lock).
 _MIGRATION_LOCK = 0x72756E63617374  # "runcast"
@@ -163,16 +177,22 @@ _SHARE_COLUMNS = "share_id, kind, resource_id, role, created_by, created_at, exp
 
 # A run's title and metadata are written when it is created and by ``update_run`` (PATCH)
 # only: a flush never overwrites them.
+#
+# Fenced: a row is updated only by the node that owns it ($13; NULL for a store of one
+# node), so a node whose run another node took over writes nothing more of it. RETURNING
+# names the rows written; the events and keyframes of the others are left out.
 _UPSERT_RUNS = """
 INSERT INTO runs (run_id, thread_id, agent, input, status, epoch, last_index, snapshot,
-                  created_at, updated_at, title, metadata)
-SELECT r, t, a, inp, s, e, li, snap, ca, ua, ti, m::jsonb
+                  created_at, updated_at, title, metadata, owner)
+SELECT r, t, a, inp, s, e, li, snap, ca, ua, ti, m::jsonb, $13::text
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
             $7::bigint[], $8::text[], $9::float8[], $10::float8[], $11::text[], $12::text[])
     AS u (r, t, a, inp, s, e, li, snap, ca, ua, ti, m)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, epoch = excluded.epoch, last_index = excluded.last_index,
     snapshot = excluded.snapshot, updated_at = excluded.updated_at
+WHERE runs.owner IS NOT DISTINCT FROM excluded.owner
+RETURNING run_id
 """
 _UPSERT_KEYFRAMES = """
 INSERT INTO keyframes (run_id, i, state)
@@ -308,9 +328,12 @@ class PostgresStore:
     """The shared store: one PostgreSQL database, a pool of connections, one transaction
     per write. ``url`` is a libpq-style URL (``postgresql://user@host:5432/db``)."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, node_id: str | None = None) -> None:
         self.url = url
         self.pool_size = pool_size
+        # The node this store writes for (several nodes): the owner of the runs it creates,
+        # and the only one whose writes of them are taken. None: one node, owner NULL.
+        self.node_id = node_id
         self._pool: asyncpg.Pool | None = None
 
     @property
@@ -423,16 +446,21 @@ class PostgresStore:
         runs: Sequence[RunWrite] = (),
         *,
         expected_revision: int | None = None,
+        exclusive: bool = False,
     ) -> None:
         """Write a thread's row (created if new), add ``turns`` and write ``runs``, in ONE
         transaction that holds the thread's row lock from its first statement.
 
         Under the lock, the stored revision must not be newer than ``thread.revision``
         (the writer read an older thread than there is now) and, when given, must be
-        ``expected_revision`` (the revision the writer read; the thread must exist).
+        ``expected_revision`` (the revision the writer read; the thread must exist). With
+        several nodes, no other node may hold a live run of the thread if the write adds
+        runs or is ``exclusive`` (a change of its turns).
 
         Raises:
             ConflictError: the thread moved on since the writer read it; nothing written.
+            RunInProgressError: another node holds a live run of the thread (with runs or
+                ``exclusive``, several nodes); nothing written.
             NotFoundError: ``expected_revision`` given, and there is no such thread.
             StoreError: nothing was written.
         """
@@ -456,6 +484,20 @@ class PostgresStore:
                     expected_revision=thread.revision,
                     actual_revision=stored,
                 )
+            if (runs or exclusive) and self.node_id is not None:
+                # Several nodes: a run another node holds live keeps the thread (one active
+                # run per thread, decided here under the thread's lock); so it does from
+                # a change of its turns (``exclusive``).
+                other = await db.fetchval(
+                    "SELECT run_id FROM runs WHERE thread_id = $1 AND status = ANY($2::text[])"
+                    " AND owner IS DISTINCT FROM $3 AND run_id <> ALL($4::text[]) LIMIT 1",
+                    thread.thread_id,
+                    _LIVE,
+                    self.node_id,
+                    [item.record.run_id for item in runs],
+                )
+                if other is not None:
+                    raise RunInProgressError(thread.thread_id, other)
             await db.execute(
                 "INSERT INTO threads (thread_id, metadata, revision, head, created_at,"
                 " updated_at, title) VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7)"
@@ -475,7 +517,8 @@ class PostgresStore:
                     [t.run_id for t in turns],
                     [t.created_at for t in turns],
                 )
-            await self._write_runs(db, runs)
+            if await self._write_runs(db, runs):
+                raise StoreError(f"write of thread {thread.thread_id}: a run of it is fenced")
 
     async def load_turns(self, thread_id: str) -> list[Turn]:
         """Every turn of the thread, oldest first. An assistant turn's content and status
@@ -512,24 +555,29 @@ class PostgresStore:
 
     # -- runs ------------------------------------------------------------------------------
 
-    async def write(self, batch: Sequence[RunWrite]) -> None:
-        """Write every run of ``batch`` in one transaction (group commit).
+    async def write(self, batch: Sequence[RunWrite]) -> list[str]:
+        """Write every run of ``batch`` in one transaction (group commit). Returns the ids
+        of the runs left unwritten because another node owns them now (fenced).
 
         Raises:
             StoreError: the transaction failed and was rolled back; nothing was written.
         """
         if not batch:
-            return
+            return []
         async with self._transaction(f"write of {len(batch)} runs") as db:
-            await self._write_runs(db, batch)
+            return await self._write_runs(db, batch)
 
-    @staticmethod
-    async def _write_runs(db: PoolConnectionProxy, batch: Sequence[RunWrite]) -> None:
+    async def _write_runs(self, db: PoolConnectionProxy, batch: Sequence[RunWrite]) -> list[str]:
         """Rows, new events and new keyframes of ``batch``: an upsert, a COPY and an
-        upsert, whatever its size; inside a transaction."""
+        upsert, whatever its size; inside a transaction. Returns the fenced runs' ids."""
         if not batch:
-            return
-        await db.execute(_UPSERT_RUNS, *_run_columns(batch))
+            return []
+        rows = await db.fetch(_UPSERT_RUNS, *_run_columns(batch), self.node_id)
+        written = {row[0] for row in rows}
+        fenced = [item.record.run_id for item in batch if item.record.run_id not in written]
+        if fenced:
+            logger.warning("runs %s are owned by another node now: not written", fenced)
+            batch = [item for item in batch if item.record.run_id in written]
         run_ids, indexes, bodies = _event_columns(batch)
         if bodies:
             await db.copy_records_to_table(
@@ -547,6 +595,7 @@ class PostgresStore:
                 [index for _, index in keyframes],
                 list(keyframes.values()),
             )
+        return fenced
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1", run_id)
@@ -592,6 +641,7 @@ class PostgresStore:
             )
             await db.execute("DELETE FROM events WHERE run_id = $1", run_id)
             await db.execute("DELETE FROM keyframes WHERE run_id = $1", run_id)
+            await db.execute("DELETE FROM signals WHERE run_id = $1", run_id)
             await db.execute("DELETE FROM shares WHERE kind = 'run' AND resource_id = $1", run_id)
             await db.execute("DELETE FROM runs WHERE run_id = $1", run_id)
         return True
@@ -613,6 +663,7 @@ class PostgresStore:
             ]
             await db.execute("DELETE FROM events WHERE run_id = ANY($1::text[])", run_ids)
             await db.execute("DELETE FROM keyframes WHERE run_id = ANY($1::text[])", run_ids)
+            await db.execute("DELETE FROM signals WHERE run_id = ANY($1::text[])", run_ids)
             await db.execute(
                 "DELETE FROM shares WHERE (kind = 'run' AND resource_id = ANY($1::text[]))"
                 " OR (kind = 'thread' AND resource_id = $2)",
@@ -641,10 +692,65 @@ class PostgresStore:
         return (rows[0][0], decode(rows[0][1])) if rows else None
 
     async def live_runs(self) -> list[RunRecord]:
+        """Live runs this node owns (with several nodes, another node's are not its to end
+        at start: its sweeper ends them once their owner is gone)."""
         rows = await self._fetch(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ANY($1::text[])", _LIVE
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ANY($1::text[])"
+            " AND owner IS NOT DISTINCT FROM $2",
+            _LIVE,
+            self.node_id,
         )
         return [_run_from_row(row) for row in rows]
+
+    # -- several nodes ---------------------------------------------------------------------
+
+    async def live_runs_of_others(self) -> list[tuple[str, str | None]]:
+        """(run id, owner) of every live run another node owns (an index range)."""
+        rows = await self._fetch(
+            "SELECT run_id, owner FROM runs WHERE status = ANY($1::text[])"
+            " AND owner IS DISTINCT FROM $2",
+            _LIVE,
+            self.node_id,
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def take_over(self, run_id: str, owner: str | None) -> RunRecord | None:
+        """Make this node the owner of a live run ``owner`` held: one winner among the
+        nodes that try (the row's update is atomic). Returns the run's row, or None when
+        another node won, the owner changed, or the run has ended."""
+        rows = await self._fetch(
+            f"UPDATE runs SET owner = $3 WHERE run_id = $1 AND owner IS NOT DISTINCT FROM $2"
+            f" AND status = ANY($4::text[]) RETURNING {_RUN_COLUMNS}",
+            run_id,
+            owner,
+            self.node_id,
+            _LIVE,
+        )
+        return _run_from_row(rows[0]) if rows else None
+
+    async def add_signal(self, run_id: str, body: str, at: float) -> int:
+        """Record a signal (stop, respond) for a run's owner; returns its id."""
+        signal_id: int = await self._fetchval(
+            "INSERT INTO signals (run_id, body, created_at) VALUES ($1, $2, $3)"
+            " RETURNING signal_id",
+            run_id,
+            body,
+            at,
+        )
+        return signal_id
+
+    async def take_signals(self, run_ids: Sequence[str]) -> list[tuple[int, str, str]]:
+        """Remove and return (id, run id, body) of every signal recorded for ``run_ids``,
+        oldest first."""
+        rows = await self._fetch(
+            "DELETE FROM signals WHERE run_id = ANY($1::text[]) RETURNING signal_id, run_id, body",
+            list(run_ids),
+        )
+        return sorted((row[0], row[1], row[2]) for row in rows)
+
+    async def drop_signal(self, signal_id: int) -> None:
+        """Forget a signal acted on."""
+        await self._execute("DELETE FROM signals WHERE signal_id = $1", signal_id)
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -71,14 +71,26 @@ class Runtime:
         self.registry = registry
         # ``store``: a store of its own (a PostgreSQL one) instead of the one settings.db names.
         self.store = store if store is not None else open_store(settings.db)
-        self.manager = RunManager(
-            self.store,
-            registry,
-            # Every engine setting has a field of the same name in Settings.
-            EngineSettings(
-                **{field.name: getattr(settings, field.name) for field in fields(EngineSettings)}
-            ),
+        # Every engine setting has a field of the same name in Settings.
+        engine_settings = EngineSettings(
+            **{field.name: getattr(settings, field.name) for field in fields(EngineSettings)}
         )
+        self.manager: RunManager
+        if settings.broker is not None:
+            # A node of a cluster (PROTOCOL.md §9); Settings checked the store is shared.
+            from app.cluster.broker import Broker
+            from app.cluster.node import ClusterManager, default_node_id
+            from app.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            broker = Broker(
+                settings.broker, settings.node_id or default_node_id(), settings.lease_s
+            )
+            self.manager = ClusterManager(
+                self.store, registry, engine_settings, broker, settings.lease_s
+            )
+        else:
+            self.manager = RunManager(self.store, registry, engine_settings)
         self.sessions: set[Session] = set()
         self.tally = Tally()
         self.metrics = Metrics(self)

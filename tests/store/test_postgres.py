@@ -30,7 +30,7 @@ import uvicorn
 from app.config import Settings
 from app.core.events import Event
 from app.core.turns import Turn
-from app.errors import ConflictError, NotFoundError, StoreError
+from app.errors import ConflictError, NotFoundError, RunInProgressError, StoreError
 from app.store import open_store
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
 from app.store.postgres import (
@@ -151,7 +151,16 @@ async def test_open_creates_the_schema(store: PostgresStore, raw: asyncpg.Connec
         row[0]
         for row in await raw.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     }
-    assert tables == {"meta", "threads", "runs", "events", "keyframes", "turns", "shares"}
+    assert tables == {
+        "meta",
+        "threads",
+        "runs",
+        "events",
+        "keyframes",
+        "turns",
+        "shares",
+        "signals",
+    }
     version = await raw.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
     assert version == str(SCHEMA_VERSION)
 
@@ -986,3 +995,83 @@ async def test_runcast_serve_and_db_commands_take_a_postgresql_url(pg_url: str) 
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(pg_url), done.stdout
+
+
+# -- several nodes: ownership, fencing, signals ---------------------------------------------
+
+
+@pytest.fixture
+async def nodes(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two nodes' stores on one database."""
+    a, b = PostgresStore(pg_url, node_id="A"), PostgresStore(pg_url, node_id="B")
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_run_taken_over_is_fenced_for_its_old_owner(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    written = await thread(a)
+    await a.write_thread(
+        written, [], [RunWrite(record("run_1", status="running", last_index=2), events(1, 2))]
+    )
+    assert [r.run_id for r in await a.live_runs()] == ["run_1"]
+    assert await b.live_runs() == []  # another node's live runs are not B's to recover
+    assert await b.live_runs_of_others() == [("run_1", "A")]
+
+    taken = await b.take_over("run_1", "A")
+    assert taken is not None and taken.last_index == 2
+    assert await a.take_over("run_1", "A") is None  # one winner: the owner changed
+
+    # The old owner's flush writes nothing of the run: no row update, no event.
+    later = RunWrite(record("run_1", status="running", last_index=4), events(3, 4))
+    assert await a.write([later]) == ["run_1"]
+    stored = await b.get_run("run_1")
+    assert stored is not None and stored.last_index == 2
+    assert [e.index for e in await b.read_events("run_1", 0, None)] == [1, 2]
+    # The new owner's does.
+    ended = RunWrite(record("run_1", status="interrupted", last_index=3), events(3, 3))
+    assert await b.write([ended]) == []
+    assert [e.index for e in await a.read_events("run_1", 0, None)] == [1, 2, 3]
+    assert await b.take_over("run_1", "B") is None  # ended: nothing to take
+
+
+async def test_a_live_run_of_another_node_keeps_the_thread(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    written = await thread(a)
+    await a.write_thread(written, [], [RunWrite(record("run_a"))])
+    with pytest.raises(RunInProgressError) as refused:
+        await b.write_thread(written, [], [RunWrite(record("run_b"))])
+    assert refused.value.details["active_run_id"] == "run_a"
+    assert await b.get_run("run_b") is None
+    # Its own queued runs do not keep a node out of its thread (multitask enqueue).
+    await a.write_thread(written, [], [RunWrite(record("run_a2"))])
+    # Once the run has ended, another node may start one.
+    await a.write([RunWrite(record("run_a", status="completed", last_index=1), events(1, 1))])
+    await a.write([RunWrite(record("run_a2", status="stopped", last_index=1), events(1, 1))])
+    await b.write_thread(written, [], [RunWrite(record("run_b"))])
+
+
+async def test_signals_are_kept_until_taken_once(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    first = await b.add_signal("run_1", '{"op":"stop"}', 1.0)
+    second = await b.add_signal("run_1", '{"op":"respond"}', 2.0)
+    await b.add_signal("run_2", '{"op":"stop"}', 3.0)
+    assert await a.take_signals(["run_1"]) == [
+        (first, "run_1", '{"op":"stop"}'),
+        (second, "run_1", '{"op":"respond"}'),
+    ]
+    assert await a.take_signals(["run_1"]) == []
+    third = await b.add_signal("run_3", "{}", 4.0)
+    await a.drop_signal(third)
+    assert await a.take_signals(["run_2", "run_3"]) == [(third - 1, "run_2", '{"op":"stop"}')]

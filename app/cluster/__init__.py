@@ -1,0 +1,1 @@
+"""Several nodes (PROTOCOL.md §9): the Redis broker and the run manager of a node."""
