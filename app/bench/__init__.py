@@ -16,7 +16,9 @@ Scenarios (each sized by flags; the defaults finish in under a minute each):
 - ``resume``: time to first event when resuming at ``last - 10`` of runs of 1,000 and
   1,000,000 events, from memory and from disk, and exactness over drop/resume cycles;
 - ``connections``: C idle subscribed connections, server memory per connection;
-- ``persist``: a long run with the flusher: sustained events/s, commits, emit-to-durable.
+- ``persist``: a long run with the flusher: sustained events/s, commits, emit-to-durable;
+- ``cluster`` (only when named: it needs PostgreSQL and Redis): nodes of one cluster side
+  by side with one node: fanout CPU, cross-node latency, takeover time (cluster.py).
 
 The client is kept cheap: an ``events`` frame is matched on its prefix, its indexes are
 taken with one regular expression and compared, as bytes, to the expected run of

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.bench import chaos
+from app.bench import chaos, cluster
 from app.bench._client import FAILURES, BenchError
 from app.bench._servers import raise_nofile, runcast_server
 from app.bench.connections import scenario_connections
@@ -23,6 +23,8 @@ from app.bench.resume import scenario_resume
 from app.bench.start import scenario_start
 
 SCENARIOS = ("fanout", "latency", "start", "resume", "connections", "persist")
+# Run only when named: they start servers of their own (cluster: PostgreSQL and Redis).
+ON_DEMAND = ("cluster",)
 
 
 _RUNNERS = {
@@ -33,6 +35,7 @@ _RUNNERS = {
     "connections": scenario_connections,
     "persist": scenario_persist,
 }
+_OWN_SERVERS = {"cluster": cluster.scenario_cluster}
 
 
 # -- command line ------------------------------------------------------------------------
@@ -59,10 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"any of {', '.join(SCENARIOS)} (default: all); or chaos, alone (app/bench/chaos.py)",
+        help=f"any of {', '.join(SCENARIOS)} (default: all), {', '.join(ON_DEMAND)} "
+        "(app/bench/cluster.py); or chaos, alone (app/bench/chaos.py)",
     )
     parser.add_argument(
-        "--url", help="drive this server (ws://host:port/ws) instead of one of ours"
+        "--url",
+        action=cluster.UrlsAction,
+        help="drive this server (ws://host:port/ws) instead of one of ours; cluster: once per node",
     )
     parser.add_argument("--db", help="with --url: its SQLite file (for persist)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -131,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run each scenario against a server from the source tree DIR",
     )
     chaos.add_arguments(parser)
+    cluster.add_arguments(parser)
 
 
 async def run_bench(args: argparse.Namespace) -> Report:
@@ -140,6 +147,12 @@ async def run_bench(args: argparse.Namespace) -> Report:
     sources: list[str | None] = [None, *args.compare]
     with tempfile.TemporaryDirectory(prefix="runcast-bench-") as tmp:
         for name in scenarios:
+            if name in _OWN_SERVERS:  # its own servers; not compared (--compare)
+                report.label = ""
+                await _OWN_SERVERS[name](args, Path(tmp), report)
+                if FAILURES:
+                    raise FAILURES[0]
+                continue
             for source in sources:
                 # One server per scenario (per source): scenarios do not see each other's runs.
                 with runcast_server(args, Path(tmp), source) as target:
@@ -155,11 +168,11 @@ def main(args: argparse.Namespace) -> int:
     began = time.strftime("%Y-%m-%d %H:%M")
     if args.scenarios == ["chaos"]:
         return chaos.main(args)
-    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    unknown = [name for name in args.scenarios if name not in (*SCENARIOS, *ON_DEMAND)]
     if unknown:
         print(
             f"runcast bench: unknown scenario {unknown[0]!r}; expected any of "
-            f"{', '.join(SCENARIOS)}",
+            f"{', '.join((*SCENARIOS, *ON_DEMAND))}",
             file=sys.stderr,
         )
         return 2
