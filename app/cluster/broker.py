@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from app.core.events import Event
 
@@ -116,8 +116,11 @@ class Broker:
         self.reader: redis.Redis = redis.Redis.from_url(
             self.url, decode_responses=True, single_connection_client=True
         )
-        self._append = self.redis.register_script(_APPEND)
         self._renew = self.redis.register_script(_RENEW)
+        # The append script by its hash, loaded at open (and again after a Redis that
+        # restarted forgot it): a pipeline of registered scripts would ask Redis whether
+        # it has them first, a second round trip per append.
+        self._append_sha = ""
         self.channel = f"{self.prefix}:msg"
 
     def stream(self, run_id: str) -> str:
@@ -131,7 +134,7 @@ class Broker:
 
     async def open(self) -> None:
         """Raises: RedisError, OSError: Redis cannot be reached."""
-        await self.redis.ping()
+        self._append_sha = await self.redis.script_load(_APPEND)
 
     async def close(self) -> None:
         await self.reader.aclose()
@@ -142,6 +145,13 @@ class Broker:
     async def append(self, batches: Sequence[RunAppend]) -> list[int]:
         """Append each run's events to its stream, fenced on its lease: ONE round trip
         for every run. Returns per run the entries added, or -1: another node holds it."""
+        try:
+            return await self._append_all(batches)
+        except NoScriptError:
+            self._append_sha = await self.redis.script_load(_APPEND)
+            return await self._append_all(batches)
+
+    async def _append_all(self, batches: Sequence[RunAppend]) -> list[int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch in batches:
                 args: list[Any] = [
@@ -154,10 +164,8 @@ class Broker:
                 for event in batch.events:
                     args.append(event.index)
                     args.append(event.json)
-                await self._append(
-                    keys=[self.lease(batch.run_id), self.stream(batch.run_id)],
-                    args=args,
-                    client=pipe,
+                pipe.evalsha(
+                    self._append_sha, 2, self.lease(batch.run_id), self.stream(batch.run_id), *args
                 )
             return [int(result) for result in await pipe.execute()]
 

@@ -52,7 +52,8 @@ from app.store.postgres import PostgresStore
 logger = logging.getLogger(__name__)
 
 RETRY_S = 0.5  # wait after Redis failed, before trying again
-READ_BLOCK_MS = 5_000  # the mirrors' blocking read returns at least this often
+READ_BLOCK_MS = 1_000  # the mirrors' blocking read returns at least this often
+CLOSE_WAIT_S = 2.0  # what close() waits for the cluster's tasks to end
 CHANGE_ATTEMPTS = 5  # a thread change that lost a race to another node is decided again
 PRESENCE_TTL_MS = 3_600_000  # how long a run's presence outlives the last change of it
 
@@ -100,6 +101,8 @@ class ClusterManager(RunManager):
         self._remote_watchers: dict[str, dict[str, int]] = {}
         self._presence_dirty: set[str] = set()
         self._suspects: dict[str, float] = {}
+        self._outbox: list[str] = []  # messages to the other nodes, in order
+        self._outbox_ready = asyncio.Event()
         self._remote_active: dict[str, str] = {}  # thread id -> its run active on another node
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -112,6 +115,7 @@ class ClusterManager(RunManager):
             ("publisher", self._publish_loop, 0.0),
             ("mirrors", self._read_loop, 0.0),
             ("messages", self._message_loop, 0.0),
+            ("outbox", self._send_loop, 0.0),
             ("leases", self._renew_once, self.lease_s / 3),
             ("sweeper", self._sweep_once, self.lease_s / 5),
         ]
@@ -153,9 +157,13 @@ class ClusterManager(RunManager):
             async with asyncio.timeout(self.settings.shutdown_grace_s):
                 while self._to_publish:
                     await self._publish_batch()
-        for task in self._tasks:
+        await self._wake_reader()  # its blocking read ends now, not at its timeout
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S) if tasks else ((), ())
+        if pending:
+            logger.warning("shutdown: %d cluster tasks did not end", len(pending))
         await self.broker.close()
 
     # -- the owner: runs, publishing, leases --------------------------------------------
@@ -236,7 +244,16 @@ class ClusterManager(RunManager):
             batches.append((run, RunAppend(run.run_id, events, run.flushed_index, final)))
         if not batches:
             return
+        # A status change is on disk before any reader sees it: a listing by status on
+        # any node (read from the database) then agrees with what its watchers were told.
+        changed = [
+            (run, batch.events[-1].index)
+            for run, batch in batches
+            if not run.ended and any(event.type == ev.STATUS for event in batch.events)
+        ]
         try:
+            if changed:
+                await asyncio.gather(*(self.flusher.commit(run, index) for run, index in changed))
             results = await self.broker.append([batch for _, batch in batches])
         except BaseException:
             for run, _ in batches:
@@ -294,22 +311,39 @@ class ClusterManager(RunManager):
     # -- readers: views and mirrors -----------------------------------------------------
 
     async def get(self, run_id: str) -> LiveRun:
-        view = self.views.get(run_id)
-        if view is not None:
-            return view
-        source = self.runs.get(run_id)
-        if source is not None and source.ended:
-            return source
+        """The run's view (a live run), or the ended run. An ended run in memory is
+        checked against the database first: another node may have deleted it, and every
+        read after a delete answers ``not_found`` on every node (PROTOCOL.md §10)."""
+        held = self.views.get(run_id)
+        if held is None and (source := self.runs.get(run_id)) is not None and source.ended:
+            held = source
+        if held is not None and not held.ended:
+            return held
         record = await self.store.get_run(run_id)
-        if record is None or RunStatus(record.status).is_terminal:
+        if record is None:
+            self._forget_deleted(run_id)
+            raise NotFoundError(f"no run {run_id}")
+        if held is not None:
+            return held
+        if RunStatus(record.status).is_terminal:
             return await super().get(run_id)
         return await self._mirror(record)
+
+    def _forget_deleted(self, run_id: str) -> None:
+        """Another node deleted the run: drop what this one holds of it; its readers
+        here are told ``deleted``."""
+        self._deleted.add(run_id)
+        self._mirrors.pop(run_id, None)
+        for held in (self.views.pop(run_id, None), self.runs.pop(run_id, None)):
+            if held is not None and held.ended and not held.deleted:
+                held.mark_deleted()
 
     async def _mirror(self, record: RunRecord) -> LiveRun:
         """A view of another node's live run: the disk's tail, then its stream."""
         run_id = record.run_id
         tail_from = max(0, record.last_index - min(self.settings.tail_events, REVIVED_TAIL))
-        tail = await self.store.read_events(run_id, tail_from, None)
+        # As of the record: its snapshot is the state at its last index, no later.
+        tail = await self.store.read_events(run_id, tail_from, record.last_index - tail_from)
         counts = await self.broker.watcher_counts(run_id)
         view = self.views.get(run_id)
         if view is not None:  # another reader made it meanwhile
@@ -491,10 +525,7 @@ class ClusterManager(RunManager):
                 int(body["revision"]),
             )
         elif kind == "deleted":
-            view = self.views.pop(str(body["run_id"]), None)
-            self._mirrors.pop(str(body["run_id"]), None)
-            if view is not None and view.ended:
-                view.mark_deleted()
+            self._forget_deleted(str(body["run_id"]))
 
     def _notify_thread(
         self,
@@ -562,12 +593,24 @@ class ClusterManager(RunManager):
         self._send({"kind": "deleted", "run_id": run.run_id})
 
     def _send(self, body: JsonObject) -> None:
-        """Tell every other node (a message on the cluster's channel; lost if Redis is
-        down: what it says is repaired by the readers, as PROTOCOL.md §6 and §9 say)."""
-        text = encode({"node": self.node_id, **body})
-        task = asyncio.create_task(self._publish_message(text), name="publish")
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        """Tell every other node, in order (a message on the cluster's channel; lost if
+        Redis is down: what it says is repaired by the readers, PROTOCOL.md §6)."""
+        self._outbox.append(encode({"node": self.node_id, **body}))
+        self._outbox_ready.set()
+
+    async def _send_loop(self) -> None:
+        """Publish the outbox in order: one pipelined call for what has gathered."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            messages, self._outbox = self._outbox, []
+            try:
+                async with self.broker.redis.pipeline(transaction=False) as pipe:
+                    for text in messages:
+                        pipe.publish(self.broker.channel, text)
+                    await pipe.execute()
+            except BROKER_ERRORS as exc:
+                logger.warning("%d messages to the other nodes were lost (%s)", len(messages), exc)
 
     async def _publish_message(self, text: str) -> None:
         try:

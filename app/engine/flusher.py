@@ -94,14 +94,16 @@ class Flusher:
                 self.on_flush(took_s, sum(len(item.events) for item in batch))
             return len(runs)
 
-    async def commit(self, run: LiveRun) -> None:
-        """Return once everything ``run`` holds now (staged terminal event included) is
-        on disk. Triggers a flush at once; concurrent callers share it (group commit).
+    async def commit(self, run: LiveRun, index: int | None = None) -> None:
+        """Return once everything ``run`` holds now (staged terminal event included), or
+        with ``index`` its events up to that index, is on disk. Triggers a flush at once;
+        concurrent callers share it (group commit). (Without ``index`` it waits for the
+        run to be all on disk: for a run that keeps appending, give the index.)
 
         Cancellation: safe; the run stays dirty and is written by a later flush.
         """
         self.mark_dirty(run)
-        while run.needs_flush:
+        while run.needs_flush if index is None else run.flushed_index < index and not run.fenced:
             if self._closing:
                 await self.flush()
                 continue

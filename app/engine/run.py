@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -473,12 +472,13 @@ class LiveRun:
     def unflushed(self) -> RunWrite:
         """Row and events not yet written, the staged terminal event included."""
         events = self.log.read_after(self.flushed_index)
-        state = self.state
+        # A copy, as of ``last``: the store encodes it later (after it has a connection),
+        # and the events appended meanwhile must not be in it.
+        state = decode(encode(self.state))
         last = self.log.last_index
         updated_at = self.updated_at
         if self.staged is not None:
             events = [*events, self.staged]
-            state = copy.deepcopy(state)
             snapshot.apply(state, self.staged.type, self.staged.data)
             last = self.staged.index
             updated_at = self.staged.ts

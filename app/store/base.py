@@ -131,13 +131,15 @@ class Store(Protocol):
     async def delete_run(self, run_id: str) -> bool:
         """Erase an ended run for good, in ONE transaction: its row, events, keyframes and
         shares; its assistant turn keeps the run's text and status, with no run id.
-        Returns False when there was no such run."""
+        Returns False when there was no such run. Raises RunInProgressError when the run
+        is live (a store shared by several nodes checks it: another node may run it)."""
         ...
 
     async def delete_thread(self, thread_id: str) -> list[str] | None:
         """Erase a thread for good, in ONE transaction: its row, turns, runs (with their
         events, keyframes and shares) and shares. Returns the ids of the runs erased;
-        None when there was no such thread."""
+        None when there was no such thread. Raises RunInProgressError (nothing erased)
+        when a run of it is live, checked as ``delete_run`` checks it."""
         ...
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]: ...

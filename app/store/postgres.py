@@ -627,10 +627,13 @@ class PostgresStore:
     async def delete_run(self, run_id: str) -> bool:
         async with self._transaction(f"delete of run {run_id}") as db:
             row = await db.fetchrow(
-                "SELECT status, snapshot FROM runs WHERE run_id = $1 FOR UPDATE", run_id
+                "SELECT status, snapshot, thread_id FROM runs WHERE run_id = $1 FOR UPDATE",
+                run_id,
             )
             if row is None:
                 return False
+            if row[0] in _LIVE:  # live on some node (the caller's own check is per node)
+                raise RunInProgressError(row[2], run_id)
             # The assistant turn it wrote keeps its text and status, and no longer names it.
             await db.execute(
                 "UPDATE turns SET content = coalesce($2, content), status = $3, run_id = NULL"
@@ -655,12 +658,13 @@ class PostgresStore:
                 is None
             ):
                 return None
-            run_ids: list[str] = [
-                row[0]
-                for row in await db.fetch(
-                    "SELECT run_id FROM runs WHERE thread_id = $1 FOR UPDATE", thread_id
-                )
-            ]
+            rows = await db.fetch(
+                "SELECT run_id, status FROM runs WHERE thread_id = $1 FOR UPDATE", thread_id
+            )
+            live = [row[0] for row in rows if row[1] in _LIVE]
+            if live:  # a run of it is live on some node
+                raise RunInProgressError(thread_id, live[0])
+            run_ids: list[str] = [row[0] for row in rows]
             await db.execute("DELETE FROM events WHERE run_id = ANY($1::text[])", run_ids)
             await db.execute("DELETE FROM keyframes WHERE run_id = ANY($1::text[])", run_ids)
             await db.execute("DELETE FROM signals WHERE run_id = ANY($1::text[])", run_ids)

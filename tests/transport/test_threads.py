@@ -1053,6 +1053,7 @@ async def test_turns_survive_a_restart(server_factory: Any) -> None:
 # same event loop: the run's end and the change are set off in the same tick.
 
 
+@pytest.mark.one_node
 @pytest.mark.parametrize("multitask", ["enqueue", "interrupt", "rollback"])
 async def test_a_change_made_as_the_active_run_ends_still_runs(
     multitask: str, server: Server, http: httpx.AsyncClient
@@ -1086,6 +1087,7 @@ async def test_a_change_made_as_the_active_run_ends_still_runs(
         assert read["turns"] == tree
 
 
+@pytest.mark.one_node
 @pytest.mark.parametrize("multitask", ["interrupt", "rollback"])
 async def test_a_queued_run_stopped_as_its_turn_comes_writes_no_turns(
     multitask: str, server: Server, http: httpx.AsyncClient
