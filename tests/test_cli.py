@@ -406,6 +406,18 @@ def test_debug_adds_the_traceback_before_the_line(tmp_path: Path) -> None:
             "warning, info, debug (got 'loud')",
         ),
         (
+            ["--broker", "redis://127.0.0.1:6379/0"],
+            {},
+            "runcast: invalid setting --broker needs a PostgreSQL --db (postgresql://...): the "
+            "nodes of a cluster share one database, and a SQLite file belongs to one process",
+        ),
+        (
+            ["--broker", "http://127.0.0.1:6379"],
+            {},
+            "runcast: invalid setting --broker: broker must be a redis:// (or rediss://, "
+            "unix://) URL (got 'http://127.0.0.1:6379')",
+        ),
+        (
             ["--port", "70000", "--linger", "-1"],
             {},
             "runcast: invalid settings: --port: input should be less than or equal to 65535 "
@@ -419,6 +431,8 @@ def test_debug_adds_the_traceback_before_the_line(tmp_path: Path) -> None:
         "port-range",
         "env-port",
         "log-level",
+        "broker-with-sqlite",
+        "broker-not-redis",
         "two-at-once",
     ],
 )

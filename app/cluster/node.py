@@ -45,7 +45,13 @@ from app.engine.agent import AgentCatalog, AgentSpec
 from app.engine.manager import REVIVED_TAIL, EngineSettings, RunManager, record_info
 from app.engine.run import Backlog, LiveRun, Retention
 from app.engine.threads import HasInfo, RunInfo, ThreadChange
-from app.errors import ConflictError, NotFoundError, NotWaitingError, RunInProgressError
+from app.errors import (
+    ConflictError,
+    NotFoundError,
+    NotWaitingError,
+    OverloadedError,
+    RunInProgressError,
+)
 from app.store.base import RunRecord, RunWrite, ThreadRecord
 from app.store.postgres import PostgresStore
 
@@ -344,7 +350,13 @@ class ClusterManager(RunManager):
         tail_from = max(0, record.last_index - min(self.settings.tail_events, REVIVED_TAIL))
         # As of the record: its snapshot is the state at its last index, no later.
         tail = await self.store.read_events(run_id, tail_from, record.last_index - tail_from)
-        counts = await self.broker.watcher_counts(run_id)
+        try:
+            counts = await self.broker.watcher_counts(run_id)
+        except BROKER_ERRORS as exc:
+            # Redis is away: the view starts from the disk and its reader catches up once
+            # Redis is back; meanwhile stop and respond still reach the owner (recorded).
+            logger.warning("run_id=%s: mirrored without Redis for now (%s)", run_id, exc)
+            counts = {}
         view = self.views.get(run_id)
         if view is not None:  # another reader made it meanwhile
             return view
@@ -359,9 +371,10 @@ class ClusterManager(RunManager):
         self._mirrors_changed.set()
         await self._wake_reader()
         # What the stream holds now: the blocking read may have begun without this run.
-        events, _ = await self.broker.read_range(run_id, view.last_index)
-        if events and view.last_index < events[-1].index:
-            await self._feed(view, events, 0)
+        with contextlib.suppress(*BROKER_ERRORS):
+            events, _ = await self.broker.read_range(run_id, view.last_index)
+            if events and view.last_index < events[-1].index:
+                await self._feed(view, events, 0)
         return view
 
     async def _wake_reader(self) -> None:
@@ -717,6 +730,15 @@ class ClusterManager(RunManager):
         read_revision: int,
     ) -> None:
         # Another node may have changed the thread since it was read: PostgreSQL decides.
+        if runs:
+            # A live run on disk always has a lease: without one, another node's sweeper
+            # would take a run over that its owner is only starting.
+            try:
+                await self.broker.renew([item.record.run_id for item in runs])
+            except BROKER_ERRORS as exc:
+                raise OverloadedError(
+                    "the cluster's Redis is unreachable: no run can start now; try again"
+                ) from exc
         # (Revision 0 is a thread nobody changed yet, or one being created: the store's
         # check that the stored revision is not newer covers it.)
         await self.pg.write_thread(

@@ -331,7 +331,9 @@ async def test_unflushed_holds_only_what_is_new_and_mark_flushed_never_goes_back
     assert run.needs_flush and not run.record_flushed
     first = run.unflushed()
     assert [e.index for e in first.events] == [1, 2]
-    assert first.record.snapshot is run.state
+    # A copy as of index 2: the store encodes it later, and what is appended meanwhile
+    # must not be in it.
+    assert first.record.snapshot == run.state and first.record.snapshot is not run.state
     run.mark_flushed(2)
     assert not run.needs_flush and run.record_flushed
     assert run.unflushed().events == []
@@ -339,6 +341,7 @@ async def test_unflushed_holds_only_what_is_new_and_mark_flushed_never_goes_back
     run.append(ev.TEXT, {"text": "b"})
     assert run.needs_flush
     assert [e.index for e in run.unflushed().events] == [3]
+    assert first.record.snapshot["message"]["content"] == "a"
     run.mark_flushed(3)
     run.mark_flushed(1)  # an older batch finishing late does not move the mark back
     assert run.flushed_index == 3
