@@ -715,7 +715,8 @@ class SqliteStore:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         try:
-            async with self.db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # One hop to the database's thread (execute, fetch and close in one call), not
+            # three: a read back of an evicted run is two of them.
+            return list(await self.db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(f"database read failed: {exc}") from exc
