@@ -414,15 +414,14 @@ class RunManager(ThreadOperations):
         record = await self.store.get_run(run_id)
         if record is None:
             raise NotFoundError(f"no run {run_id}")
-        # An ended run comes back with a short tail: most late readers want the end
-        # ("latest", a resume near it); any older read pages from disk on demand.
-        tail_from = max(0, record.last_index - min(self.settings.tail_events, REVIVED_TAIL))
-        tail = await self.store.read_events(run_id, tail_from, None)
+        # An ended run comes back as its row only: each reader reads from disk just the
+        # events after its cursor (one range of the primary key), none for "latest". A
+        # tail read with it cost a resume more than the resume's own read.
         if run_id in self._deleted:  # deleted while it was being read
             raise NotFoundError(f"no run {run_id}")
         run = self.runs.get(run_id)  # another reader may have loaded it meanwhile
         if run is None:
-            run = LiveRun.from_record(record, tail, self.retention)
+            run = LiveRun.from_record(record, [], self.retention)
             self.runs[run_id] = run
             self._schedule_eviction(run)
         return run

@@ -261,12 +261,18 @@ def _run_rows(batch: Sequence[RunWrite]) -> list[tuple[Any, ...]]:
     return run_rows
 
 
+# The largest page of events read in place (``_point_read``); the wire sends at most 1,000
+# events a frame, so a reader's page is at most that.
+POINT_READ_MAX_EVENTS = 1_000
+
+
 class SqliteStore:
     """The embedded store: one SQLite file, WAL journal, one transaction per write."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._point: sqlite3.Connection | None = None  # see _point_read
         # Writers share the one connection: a transaction must not begin while another
         # is open on it, nor a write statement land inside another's transaction.
         self._write_lock = asyncio.Lock()
@@ -331,6 +337,9 @@ class SqliteStore:
         return 0 if row is None else int(row[0])
 
     async def close(self) -> None:
+        if self._point is not None:
+            point, self._point = self._point, None
+            point.close()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -454,7 +463,7 @@ class SqliteStore:
             )
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        rows = self._point_read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
         return _run_from_row(rows[0]) if rows else None
 
     async def list_runs(
@@ -579,10 +588,11 @@ class SqliteStore:
         return before, self._file_bytes()
 
     async def read_events(self, run_id: str, after: int, limit: int | None) -> list[Event]:
-        rows = await self._fetch(
-            "SELECT body FROM events WHERE run_id = ? AND i > ? ORDER BY i LIMIT ?",
-            (run_id, after, -1 if limit is None else limit),
-        )
+        sql = "SELECT body FROM events WHERE run_id = ? AND i > ? ORDER BY i LIMIT ?"
+        if limit is not None and limit <= POINT_READ_MAX_EVENTS:  # a page: read in place
+            rows = self._point_read(sql, (run_id, after, limit))
+        else:
+            rows = await self._fetch(sql, (run_id, after, -1 if limit is None else limit))
         return [Event.from_json(row[0]) for row in rows]
 
     async def read_keyframe(self, run_id: str, index: int) -> tuple[int, dict[str, Any]] | None:
@@ -712,6 +722,24 @@ class SqliteStore:
                 await self.db.execute(sql, params)
             except sqlite3.Error as exc:
                 raise StoreError(f"database statement failed: {exc}") from exc
+
+    def _point_read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """A small read (a run's row, a page of its events: a range of a primary key) on
+        the event loop's own thread, through a read-only connection of its own. In WAL
+        mode it never waits for the writer, and it takes tens of microseconds: less than
+        the hop to the database thread and back, which made a resume from disk 1.4 ms
+        where one from memory took 0.8. Anything larger goes through ``_fetch``.
+
+        Raises: StoreError.
+        """
+        try:
+            if self._point is None:
+                assert self._db is not None, "SqliteStore used before open() or after close()"
+                self._point = sqlite3.connect(self.path, isolation_level=None)
+                self._point.execute("PRAGMA query_only=ON")
+            return self._point.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"database read failed: {exc}") from exc
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         try:
