@@ -224,8 +224,18 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for spawned in processes:
-        if spawned.process.poll() is None:
+        stop_spawned(spawned)
+
+
+def stop_spawned(spawned: Spawned, grace_s: float = 10.0) -> None:
+    """Stop a server process as an operator does (SIGTERM: it shuts down, and coverage
+    writes what it measured), then SIGKILL if it has not exited after ``grace_s``."""
+    if spawned.process.poll() is None:
+        spawned.process.terminate()
+        try:
+            spawned.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
             spawned.process.kill()
-        spawned.wait(timeout_s=10)
-        if spawned.process.stdout is not None:
-            spawned.process.stdout.close()
+    spawned.wait(timeout_s=10)
+    if spawned.process.stdout is not None:
+        spawned.process.stdout.close()

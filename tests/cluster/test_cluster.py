@@ -40,7 +40,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from app.core import snapshot
-from tests.conftest import Spawned, spawn_server
+from tests.conftest import Spawned, spawn_server, stop_spawned
 
 ADMIN_URL = os.environ.get("RUNCAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("RUNCAST_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -92,11 +92,7 @@ def _start_node(db_url: str, broker_url: str, name: str) -> Spawned:
 
 
 def _stop_node(node: Spawned) -> None:
-    if node.process.poll() is None:
-        node.process.kill()
-    node.wait(timeout_s=10)
-    if node.process.stdout is not None:
-        node.process.stdout.close()
+    stop_spawned(node)
 
 
 @pytest.fixture
