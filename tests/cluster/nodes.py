@@ -49,20 +49,22 @@ async def fresh_database() -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def fresh_prefix() -> AsyncIterator[str]:
-    """A broker URL with a key prefix of its own; its keys are deleted afterwards."""
+async def fresh_prefix(redis_url: str = REDIS_URL) -> AsyncIterator[str]:
+    """A broker URL on ``redis_url`` with a key prefix of its own; its keys are deleted
+    afterwards."""
     prefix = f"runcast-test-{secrets.token_hex(6)}"
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url)
     try:
         await client.ping()
     except (OSError, redis.RedisError) as exc:
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
+        pytest.fail(f"Redis at {redis_url} is not reachable: {exc}")
     try:
-        yield f"{REDIS_URL}?prefix={prefix}"
+        yield f"{redis_url}?prefix={prefix}"
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
+        with contextlib.suppress(OSError, redis.RedisError):  # a Redis a test stopped
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
         await client.aclose()
 
 

@@ -24,15 +24,13 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -40,10 +38,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from app.core import snapshot
+from tests.cluster.nodes import REDIS_URL, fresh_database, fresh_prefix
 from tests.conftest import Spawned, spawn_server, stop_spawned
-
-ADMIN_URL = os.environ.get("RUNCAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("RUNCAST_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 LEASE_S = 2.0
 TAKEOVER_BOUND_S = LEASE_S + 2.0  # PROTOCOL §9: a dead node's runs end within lease + 2 s
@@ -55,11 +51,6 @@ Frame = dict[str, Any]
 
 
 # -- the cluster ----------------------------------------------------------------------------
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 @dataclass
@@ -95,27 +86,14 @@ def _stop_node(node: Spawned) -> None:
     stop_spawned(node)
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    """Nodes A, B and C on a fresh database and a fresh Redis prefix; all killed, the
-    database dropped and the prefix's keys deleted after the test."""
-    try:
-        admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.fail(f"PostgreSQL at {ADMIN_URL} is not reachable: {exc}")
-    r = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        await r.ping()
-    except (OSError, aioredis.RedisError) as exc:
-        await admin.close()
-        pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
-    name = f"runcast_test_{secrets.token_hex(6)}"
-    prefix = f"runcast_test_{secrets.token_hex(6)}"
-    broker_url = f"{REDIS_URL}?prefix={prefix}"
-    db_url = with_database(ADMIN_URL, name)
-    nodes: dict[str, Spawned] = {}
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+@contextlib.asynccontextmanager
+async def running_cluster(redis_url: str = REDIS_URL) -> AsyncIterator[Cluster]:
+    """Nodes A, B and C on a fresh database and a fresh key prefix of ``redis_url``; all
+    stopped, the database dropped and the prefix's keys deleted afterwards."""
+    async with fresh_database() as db_url, fresh_prefix(redis_url) as broker_url:
+        prefix = broker_url.rpartition("prefix=")[2]
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        nodes: dict[str, Spawned] = {}
         try:
             # The three start together (and migrate the new database together).
             started = await asyncio.gather(
@@ -135,13 +113,13 @@ async def cluster() -> AsyncIterator[Cluster]:
                 # Shown with the test's report when it fails: the evidence.
                 print(f"----- node {n} (exit {node.process.returncode}) -----")
                 print(node.text[-30_000:])
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            keys = [key async for key in r.scan_iter(match=f"{prefix}:*", count=1000)]
-            if keys:
-                await r.delete(*keys)
-    finally:
-        await admin.close()
-        await r.aclose()
+            await r.aclose()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with running_cluster() as running:
+        yield running
 
 
 # -- a client -------------------------------------------------------------------------------

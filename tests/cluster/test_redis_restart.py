@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import signal
 import socket
 import subprocess
@@ -31,26 +30,20 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from app.core import events as ev
 from tests.cluster.test_cluster import (
-    ADMIN_URL,
     LEASE_S,
-    NODES,
     Client,
     Cluster,
     Frame,
-    _start_node,
-    _stop_node,
     assert_whole_log,
     clients,
     log_on_disk,
-    with_database,
+    running_cluster,
 )
-from tests.conftest import Spawned
 
 REDIS_START_S = 10.0  # the bound on Redis answering PING after it is started
 RUN_END_S = 30.0  # the bound on a run ending once Redis is back
@@ -160,42 +153,9 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
 
 @pytest.fixture
 async def cluster(private_redis: PrivateRedis) -> AsyncIterator[Cluster]:
-    """Nodes A, B and C (lease 2 s) on a fresh database and on ``private_redis``; all
-    killed and the database dropped after the test."""
-    try:
-        admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.fail(f"PostgreSQL at {ADMIN_URL} is not reachable: {exc}")
-    name = f"runcast_test_{secrets.token_hex(6)}"
-    prefix = f"runcast_test_{secrets.token_hex(6)}"
-    broker_url = f"{private_redis.url}?prefix={prefix}"
-    db_url = with_database(ADMIN_URL, name)
-    r = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
-    nodes: dict[str, Spawned] = {}
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        try:
-            started = await asyncio.gather(
-                *(asyncio.to_thread(_start_node, db_url, broker_url, n) for n in NODES),
-                return_exceptions=True,
-            )
-            for n, node in zip(NODES, started, strict=True):
-                if isinstance(node, Spawned):
-                    nodes[n] = node
-            for node in started:
-                if isinstance(node, BaseException):
-                    raise node
-            yield Cluster(nodes, db_url, broker_url, prefix, r)
-        finally:
-            for n, node in nodes.items():
-                await asyncio.to_thread(_stop_node, node)
-                # Shown with the test's report when it fails: the evidence.
-                print(f"----- node {n} (exit {node.process.returncode}) -----")
-                print(node.text[-30_000:])
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-        await r.aclose()
+    """Nodes A, B and C (lease 2 s) on a fresh database and on ``private_redis``."""
+    async with running_cluster(private_redis.url) as running:
+        yield running
 
 
 async def restart(server: PrivateRedis, down_s: float) -> float:

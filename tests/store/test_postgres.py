@@ -14,7 +14,6 @@ skipped, except under CI, where they fail.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -42,11 +41,10 @@ from app.store.postgres import (
 )
 from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
+from tests.cluster.nodes import fresh_database
 from tests.transport.helpers import connect
 
 pytestmark = pytest.mark.timeout(30)
-
-ADMIN_URL = os.environ.get("RUNCAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def with_database(url: str, name: str) -> str:
@@ -57,21 +55,8 @@ def with_database(url: str, name: str) -> str:
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """The URL of a new, empty database, dropped after the test."""
-    try:
-        admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        # Never a skip: a test that does not run checks nothing. The README says what
-        # these tests need.
-        pytest.fail(f"PostgreSQL at {redact(ADMIN_URL)} is not reachable: {exc}")
-    name = f"runcast_test_{secrets.token_hex(6)}"
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        try:
-            yield with_database(ADMIN_URL, name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture
