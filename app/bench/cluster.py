@@ -57,7 +57,7 @@ from app.bench._client import (
     wait_all,
 )
 from app.bench._servers import Target, _spawn, _stop, cpu_s
-from app.bench.fanout import FanoutResult, _measure_fanout, _ratio
+from app.bench.fanout import FanoutResult, _measure_fanout, _ratio, _started, watch_counter
 from app.bench.report import Report
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -280,26 +280,8 @@ async def fanout(nodes: Nodes, n: int, k: int) -> FanoutResult:
     try:
         for node, count in zip(nodes.nodes, counts, strict=True):
             conns += await open_conns(node.ws_url, count)
-        start_delay_s = 0.5 + k * 0.006
-        result = await conns[0].request(counter_op(n, start_delay_s=start_delay_s))
-        run_id = result["run"]["run_id"]
-        begun = time.perf_counter()
-        watches = [conns[0].watches.get(run_id.encode()) or conns[0].watch(run_id)]
-        for conn in conns[1:]:
-            watches.append(conn.watch(run_id))
-        await asyncio.gather(
-            *(c.request({"op": "subscribe", "run_id": run_id, "after": 0}) for c in conns[1:])
-        )
-        if time.perf_counter() - begun > start_delay_s:
-            print(f"  (warning: {k} subscriptions took longer than the start delay)")
-        for watch in watches:
-            watch.timed_from = 1
-            watch.expect(n + 2)
-
-        async def go() -> None:
-            pass
-
-        return await _measure_fanout(nodes, conns, watches, n + 2, go)
+        watches = await watch_counter(conns, n, start_delay_s=0.5 + k * 0.006)
+        return await _measure_fanout(nodes, conns, watches, n + 2, _started)
     finally:
         await close_conns(conns)
 

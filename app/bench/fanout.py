@@ -56,29 +56,36 @@ async def _measure_fanout(
     )
 
 
+async def watch_counter(conns: list[Conn], n: int, start_delay_s: float) -> list[Watch]:
+    """Start a counter of ``n`` events on the first connection (which watches it) and
+    subscribe every other one from 0 while the run waits ``start_delay_s`` to begin: one
+    watch per connection, each timed from the first event and expecting all of them."""
+    result = await conns[0].request(counter_op(n, start_delay_s=start_delay_s))
+    run_id = result["run"]["run_id"]
+    begun = time.perf_counter()
+    watches = [conns[0].watches.get(run_id.encode()) or conns[0].watch(run_id)]
+    for conn in conns[1:]:
+        watches.append(conn.watch(run_id))
+    await asyncio.gather(
+        *(c.request({"op": "subscribe", "run_id": run_id, "after": 0}) for c in conns[1:])
+    )
+    if time.perf_counter() - begun > start_delay_s:
+        print(f"  (warning: {len(conns)} subscriptions took longer than the start delay)")
+    for watch in watches:
+        watch.timed_from = 1
+        watch.expect(n + 2)
+    return watches
+
+
+async def _started() -> None:
+    """The counter starts on its own (after its start delay)."""
+
+
 async def fanout_runcast(target: Target, n: int, k: int) -> FanoutResult:
     conns = await open_conns(target.ws_url, k)
     try:
-        start_delay_s = 0.3 + k * 0.004
-        result = await conns[0].request(counter_op(n, start_delay_s=start_delay_s))
-        run_id = result["run"]["run_id"]
-        begun = time.perf_counter()
-        watches = [conns[0].watches.get(run_id.encode()) or conns[0].watch(run_id)]
-        for conn in conns[1:]:
-            watches.append(conn.watch(run_id))
-        await asyncio.gather(
-            *(c.request({"op": "subscribe", "run_id": run_id, "after": 0}) for c in conns[1:])
-        )
-        if time.perf_counter() - begun > start_delay_s:
-            print(f"  (warning: {k} subscriptions took longer than the start delay)")
-        for watch in watches:
-            watch.timed_from = 1
-            watch.expect(n + 2)
-
-        async def go() -> None:
-            pass
-
-        return await _measure_fanout(target, conns, watches, n + 2, go)
+        watches = await watch_counter(conns, n, start_delay_s=0.3 + k * 0.004)
+        return await _measure_fanout(target, conns, watches, n + 2, _started)
     finally:
         await close_conns(conns)
 
