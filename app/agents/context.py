@@ -61,7 +61,8 @@ class RunContext:
         """
         if type == ev.STATUS:
             raise ValueError("agents do not emit 'status' events; the server does")
-        ev.check_event_type(type)
+        if type.__class__ is not str or type not in ev.CHECKED_TYPES:
+            ev.check_event_type(type)
         if data is not None and not isinstance(data, dict):
             raise TypeError(f"event data must be a JSON object, not {data.__class__.__name__}")
         event = self._run.append(type, {} if data is None else data)

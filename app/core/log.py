@@ -39,7 +39,7 @@ class EventLog:
 
     def next_event(self, type: str, data: JsonObject, ts: float) -> Event:
         """Build (and encode) the event that ``append`` would add, without adding it."""
-        return Event(self.last_index + 1, type, data, ts)
+        return Event(self.first_index + len(self._events), type, data, ts)
 
     def append(self, type: str, data: JsonObject, ts: float) -> Event:
         """Add an event at the next index and return it."""
@@ -50,13 +50,22 @@ class EventLog:
 
     def add(self, event: Event) -> None:
         """Add an already built event; its index must be the next one."""
-        if event.index != self.last_index + 1:
+        events = self._events
+        if event.index != self.first_index + len(events):
             raise ValueError(f"event index {event.index} does not follow {self.last_index}")
-        self._events.append(event)
+        events.append(event)
+
+    def take_back(self, event: Event) -> None:
+        """Remove ``event``, the newest, appended and then refused before any reader could
+        see it (in the same step, with no await between)."""
+        if not self._events or self._events[-1] is not event:
+            raise ValueError(f"event {event.index} is not the newest of the log")
+        self._events.pop()
 
     def holds(self, cursor: int) -> bool:
         """True when every event after ``cursor`` is in memory."""
-        return self.first_index - 1 <= cursor <= self.last_index
+        first = self.first_index
+        return first - 1 <= cursor < first + len(self._events)
 
     def trim_before(self, index: int) -> int:
         """Drop the events before ``index`` from memory; returns how many were dropped."""
@@ -73,13 +82,13 @@ class EventLog:
             ValueError: ``cursor`` is negative, past the last index, or before the tail
                 held in memory (``holds(cursor)`` is false).
         """
-        if cursor < 0 or cursor > self.last_index:
-            raise ValueError(f"cursor {cursor} is outside 0..{self.last_index}")
-        if cursor < self.first_index - 1:
-            raise ValueError(f"events after {cursor} are no longer in memory")
+        events = self._events
         start = cursor + 1 - self.first_index
-        stop = len(self._events) if limit is None else start + limit
-        return self._events[start:stop]
+        if cursor < 0 or start > len(events):
+            raise ValueError(f"cursor {cursor} is outside 0..{self.last_index}")
+        if start < 0:
+            raise ValueError(f"events after {cursor} are no longer in memory")
+        return events[start:] if limit is None else events[start : start + limit]
 
     def __getitem__(self, index: int) -> Event:
         """The event at ``index`` (1-based, as on the wire)."""

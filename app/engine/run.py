@@ -129,6 +129,8 @@ class LiveRun:
         self._poked: asyncio.Event | None = None
         self._ended = asyncio.Event()
         self._deleted: asyncio.Event | None = None
+        # The page a reader last sent, shared with the readers woken with it (shared_text).
+        self._shared: tuple[Event, Event, str] | None = None
         # Persistence bookkeeping, owned by the flusher.
         self.flushed_index = 0
         self.record_flushed = False
@@ -231,6 +233,31 @@ class LiveRun:
                 async with asyncio.timeout(DELETION_WAIT_S):
                     await self._deleted.wait()
         return events
+
+    def shared_text(
+        self, events: list[Event], build: Callable[[str, str, list[Event]], str]
+    ) -> str:
+        """``build(run_id, epoch, events)`` (a frame of ``events``, a page read from this
+        run), made once for every reader that sends the same page: a run's watchers wake
+        together and read the same events, so the first builds the text and the others
+        reuse it. The text is kept until the event loop's next turn only: an idle run
+        holds none.
+
+        The same first and last event objects mean the same page: the log is contiguous
+        and its events are immutable (a page read from the store has events of its own).
+        """
+        first, last = events[0], events[-1]
+        shared = self._shared
+        if shared is not None and shared[0] is first and shared[1] is last:
+            return shared[2]
+        text = build(self.run_id, self.log.epoch, events)
+        if shared is None:
+            asyncio.get_running_loop().call_soon(self._forget_shared)
+        self._shared = (first, last, text)
+        return text
+
+    def _forget_shared(self) -> None:
+        self._shared = None
 
     async def wait_after(self, cursor: int, *, presence: bool = True) -> None:
         """Return once an event after ``cursor`` exists, the run has ended (or has been
@@ -359,21 +386,34 @@ class LiveRun:
                 ``data``); nothing is appended.
             TypeError: ``data`` is not JSON; nothing is appended.
         """
-        assert self.staged is None and not self.ended, f"append to ended run {self.run_id}"
+        assert self.staged is None and not self._ended.is_set(), (
+            f"append to ended run {self.run_id}"
+        )
         if type == ev.STATUS:
             new = RunStatus(data["status"])
             assert not new.is_terminal, "terminal status goes through stage_terminal()"
             assert ev.can_transition(self.status, new), f"{self.status} -> {new}"
-        event = self.log.next_event(type, data, self._clock())
+        log = self.log
+        event = log.append(type, data, self._clock())
         if len(event.json) > self._surely_small:
-            self._check_size(event)
-        self.log.add(event)
+            try:
+                self._check_size(event)
+            except BaseException:
+                log.take_back(event)  # before anything could read it: no await between
+                raise
         self._backlog.events += 1
-        snapshot.apply(self.state, type, data)
+        if type in ev.STANDARD_TYPES:  # an agent's own type leaves the state as it is
+            snapshot.apply(self.state, type, data)
         self.updated_at = event.ts
-        if event.index % self.retention.keyframe_every == 0:
-            self.keyframes.append((event.index, encode(self.state)))
-        self._changed()
+        index = event.index
+        if index % self.retention.keyframe_every == 0:
+            self.keyframes.append((index, encode(self.state)))
+        # Wake the readers: only the first append after they wait finds any (they read the
+        # rest of a burst with it), so the others cost two tests.
+        if self._wakeup is not None or self._poked is not None:
+            self._wake()
+        if self._on_dirty is not None:
+            self._on_dirty(self)
         return event
 
     def _check_size(self, event: Event) -> None:
@@ -461,11 +501,6 @@ class LiveRun:
         if self._deleted is not None:
             self._deleted.set()
         self._wake()
-
-    def _changed(self) -> None:
-        self._wake()
-        if self._on_dirty is not None:
-            self._on_dirty(self)
 
     # -- persistence (flusher only) -----------------------------------------------------
 

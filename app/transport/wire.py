@@ -403,7 +403,7 @@ def reply_error(ref: Ref, error: RuncastError) -> str:
 def with_events(head: JsonObject, events: Sequence[Event]) -> str:
     """``head`` encoded with an ``events`` key added: the events' own JSON is joined, not
     re-encoded (an events frame, an HTTP page of events)."""
-    body = ",".join(event.json for event in events)
+    body = ",".join([event.json for event in events])  # a list joins faster than a generator
     return f'{encode(head)[:-1]},"events":[{body}]}}'
 
 

@@ -55,6 +55,21 @@ def test_next_event_builds_without_adding() -> None:
     assert log[3] is event
 
 
+def test_take_back_removes_only_the_newest_event() -> None:
+    log = filled(3)
+    third = log[3]
+    with pytest.raises(ValueError):
+        log.take_back(log[2])
+    log.take_back(third)
+    assert (log.last_index, len(log)) == (2, 2)
+    with pytest.raises(ValueError):
+        log.take_back(third)  # gone already
+    assert log.append("tick", {"n": 9}, 9.0).index == 3
+    log.trim_before(4)
+    with pytest.raises(ValueError):
+        log.take_back(third)  # nothing held
+
+
 def test_add_takes_the_next_index() -> None:
     log = EventLog("ep")
     first, second = Event(1, "a", {}, 1.0), Event(2, "b", {}, 2.0)

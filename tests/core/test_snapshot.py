@@ -390,6 +390,28 @@ def test_apply_changes_the_state_in_place() -> None:
     assert state["usage"] == {"n": 2}
 
 
+def test_text_grows_in_place_yet_a_reference_taken_before_keeps_its_value() -> None:
+    state = snapshot.initial_state()
+    for k in range(10_000):
+        snapshot.apply(state, "text", {"text": f"{k},"})
+        snapshot.apply(state, "thinking", {"text": "."})
+    text = "".join(f"{k}," for k in range(10_000))
+    content = state["message"]["content"]
+    assert content == text
+    assert state["message"]["thinking"] == "." * 10_000
+    snapshot.apply(state, "text", {"text": "more"})
+    assert content == text  # a string held elsewhere is never grown under it
+    assert state["message"]["content"] == text + "more"
+    assert list(state["message"]) == ["content", "thinking", "tools"]  # the protocol's order
+    assert encode(state).startswith('{"status":"queued","message":{"content":"0,1,')
+
+
+def test_an_agents_own_type_leaves_the_state_alone() -> None:
+    state = snapshot.initial_state()
+    snapshot.apply(state, "tick", {"text": "not folded", "status": "failed"})
+    assert state == initial()
+
+
 def test_fold_onto_a_state_starts_from_it_and_leaves_it_alone() -> None:
     start = fold_steps([("text", {"text": "a"}), call("t1"), ("usage", {"n": 1})])
     before = copy.deepcopy(start)

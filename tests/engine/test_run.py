@@ -84,6 +84,29 @@ async def test_read_after_slices_and_refuses_a_cursor_past_the_end() -> None:
     assert caught.value.details == {"last_index": 6, "field": "after"}
 
 
+async def test_readers_of_the_same_page_share_one_text_until_the_next_loop_turn() -> None:
+    run = running()
+    for k in range(3):
+        run.append("tick", {"n": k})
+    built: list[list[int]] = []
+
+    def build(run_id: str, epoch: str, events: list[Event]) -> str:
+        built.append([e.index for e in events])
+        return f"{run_id} {epoch} {[e.index for e in events]}"
+
+    first = run.shared_text(run.read_after(0), build)
+    assert first == "run_1 e1 [1, 2, 3, 4]"
+    assert run.shared_text(run.read_after(0), build) is first  # another reader, same page
+    assert run.shared_text(run.read_after(1), build) == "run_1 e1 [2, 3, 4]"  # another page
+    run.append("tick", {"n": 3})
+    assert run.shared_text(run.read_after(1), build) == "run_1 e1 [2, 3, 4, 5]"
+    assert built == [[1, 2, 3, 4], [2, 3, 4], [2, 3, 4, 5]]
+    await asyncio.sleep(0)  # the loop's next turn: an idle run holds no text
+    assert run._shared is None
+    assert run.shared_text(run.read_after(1), build) == "run_1 e1 [2, 3, 4, 5]"
+    assert len(built) == 4
+
+
 async def test_append_refuses_terminal_status_and_bad_transitions() -> None:
     run = make_run()
     with pytest.raises(AssertionError):
