@@ -22,7 +22,7 @@ import socket
 import sys
 import textwrap
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -50,6 +50,7 @@ from app.errors import RuncastError, StoreError
 from app.log_format import configure_logging
 from app.store import open_store
 from app.transport.app import Runtime, create_app
+from app.transport.leanws import LeanWebSocketProtocol
 
 logger = logging.getLogger("app")
 
@@ -362,12 +363,17 @@ def _check_database_path(path: Path) -> None:
 
 def _remember_startup_failure(app: ASGIApp, failures: list[Exception]) -> ASGIApp:
     """``app``, whose lifespan startup failure is kept in ``failures`` (for serve() to say
-    in one line) rather than sent to uvicorn, which would log its whole traceback."""
+    in one line) rather than sent to uvicorn, which would log its whole traceback.
 
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+    Not a coroutine but a function returning ``app``'s for every other scope: each open
+    connection's stack holds no frame of it (uvicorn is told ``interface="asgi3"``)."""
+
+    def wrapped(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            return await app(scope, receive, send)
+            return app(scope, receive, send)
+        return lifespan(scope, receive, send)
 
+    async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
         async def send_quietly(message: Message) -> None:
             if message["type"] == "lifespan.startup.failed":
                 message = {**message, "message": ""}
@@ -389,21 +395,13 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
         _remember_startup_failure(app, failures),
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through runcast's handler (configure_logging)
-        # A frame a little over the limit is read and answered payload_too_large; a frame
-        # twice over closes the connection (1009). Reading pauses while a frame waits for
-        # the session, so a connection buffers at most a few frames.
-        ws_max_size=2 * settings.max_frame_bytes,
-        ws_max_queue=4,
-        ws_ping_interval=settings.ping_interval_s,
-        ws_ping_timeout=settings.ping_interval_s,
-        # Events are small JSON frames: compressing them costs server CPU on every send and
-        # a zlib state per connection (hundreds of KB); clients get them uncompressed.
-        ws_per_message_deflate=False,
+        interface="asgi3",
         lifespan="on",
         # runcast's own shutdown (below) has ended runs and closed sockets, each within
         # the grace, before uvicorn's begins: what uvicorn waits for is only a connection
         # whose unsent data a client will never read.
         timeout_graceful_shutdown=1,
+        **websocket_options(settings),
     )
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
@@ -437,6 +435,26 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
     exit_requested.cancel()
     await asyncio.wait({exit_requested})
     await serving
+
+
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's WebSocket settings for ``runcast serve`` (tests build their servers with
+    them too)."""
+    return {
+        # uvicorn's own WebSocket protocols hold 12 to 23 KB more per open connection than
+        # this one, which behaves as its websockets-sansio does (app/transport/leanws.py).
+        "ws": LeanWebSocketProtocol,
+        # A frame a little over the limit is read and answered payload_too_large; a frame
+        # twice over closes the connection (1009). Reading pauses while a frame waits for
+        # the session, so a connection buffers at most what one read brought.
+        "ws_max_size": 2 * settings.max_frame_bytes,
+        "ws_ping_interval": settings.ping_interval_s,
+        "ws_ping_timeout": settings.ping_interval_s,
+        # Events are small JSON frames: compressing them costs server CPU on every send and
+        # a zlib state per connection (hundreds of KB); clients get them uncompressed (the
+        # protocol above never negotiates it).
+        "ws_per_message_deflate": False,
+    }
 
 
 def check_access(settings: Settings) -> str | None:

@@ -13,20 +13,28 @@ One small ASGI layer, its settings in its constructor (PROTOCOL.md §8), in this
 Refusals of a handshake: a foreign origin or host gets HTTP 403 and never an open socket;
 a missing token or too many connections is accepted and closed at once with 1008 and a
 reason, which a browser can read.
+
+A WebSocket connection that passes goes straight to the endpoint of its route (``/ws``),
+not through starlette's router: an idle connection holds as few frames as it can
+(``_route_endpoint``).
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from app.access.policy import Principal
 from app.core.events import encode
@@ -58,6 +66,7 @@ _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _MAX_BUCKETS: Final = 10_000
 
 Authenticate = Callable[[str | None], Principal | None]
+WebSocketEndpoint = Callable[[WebSocket], Awaitable[None]]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -122,69 +131,107 @@ class Edge:
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self.connections: dict[str, int] = {}
+        self._endpoints: dict[str, WebSocketEndpoint] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        websocket = scope["type"] == "websocket"
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: an open connection's stack holds one frame of the edge's.
+        kind = scope["type"]
+        if kind == "websocket":
+            return self._websocket(scope, receive, send)
+        if kind == "http":
+            return self._http(scope, receive, send)
+        return self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
-        method = "GET" if websocket else scope["method"]
+        method: str = scope["method"]
         path: str = scope["path"]
         origin = headers.get("origin")
         try:
-            if self.check_host and self.open_mode():
-                if not is_loopback_host(headers.get("host", "")):
-                    raise ForbiddenError(
-                        "this server is open (no token) and answers only to a loopback host name",
-                        field="host",
-                    )
-            if origin is not None and (websocket or method not in _SAFE_METHODS):
-                if not self._origin_allowed(origin, headers):
-                    raise ForbiddenError(f"origin {origin} is not allowed", field="origin")
+            self._check_host(headers)
+            if origin is not None and method not in _SAFE_METHODS:
+                self._check_origin(origin, headers)
         except RuncastError as exc:
-            await (self._deny_handshake if websocket else self._deny)(scope, send, exc)
+            await self._deny(scope, send, exc)
             return
         cors = origin if origin in self.allow_origins and path.startswith("/api") else None
-        if not websocket and method == "OPTIONS" and cors is not None:
+        if method == "OPTIONS" and cors is not None:
             await _respond(send, 204, b"", _cors_headers(cors, preflight=True))
             return
-        address = _address(scope)
         try:
-            if not websocket:
-                self._take(address)
+            self._take(_address(scope))
             principal = self.authenticate(presented_token(scope, headers))
-            if principal is None and not self._public(path, method, websocket):
+            if principal is None and not self._public(path, method, False):
                 raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
         except RuncastError as exc:
-            if websocket:
-                await self._close_handshake(scope, receive, send, exc)
-            else:
-                await self._deny(scope, send, exc, cors)
+            await self._deny(scope, send, exc, cors)
             return
         scope["runcast.principal"] = principal
-        if websocket:
-            await self._connection(scope, receive, send, address)
-            return
         await self.app(scope, receive, _with_headers(send, path, cors))
 
-    async def _connection(self, scope: Scope, receive: Receive, send: Send, address: str) -> None:
-        """A WebSocket connection, counted against its address while it lasts."""
-        limit = self.max_connections_per_address
-        count = self.connections.get(address, 0)
-        if limit and count >= limit:
-            error = TooManyConnectionsError(f"more than {limit} connections from one address")
-            await self._close_handshake(scope, receive, send, error)
-            return
-        self.connections[address] = count + 1
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A handshake, checked; then the connection, counted against its address while
+        it lasts."""
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
         try:
-            await self.app(scope, receive, send)
+            self._check_host(headers)
+            if origin is not None:
+                self._check_origin(origin, headers)
+        except RuncastError as exc:
+            await self._deny_handshake(scope, send, exc)
+            return
+        address = _address(scope)
+        limit = self.max_connections_per_address
+        try:
+            principal = self.authenticate(presented_token(scope, headers))
+            if principal is None and not self._public(scope["path"], "GET", True):
+                raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
+            if limit and self.connections.get(address, 0) >= limit:
+                raise TooManyConnectionsError(f"more than {limit} connections from one address")
+        except RuncastError as exc:
+            await self._close_handshake(scope, receive, send, exc)
+            return
+        del headers, origin  # this frame lasts as long as the connection
+        scope["runcast.principal"] = principal
+        self.connections[address] = self.connections.get(address, 0) + 1
+        try:
+            endpoint = self._endpoint(scope["path"])
+            if endpoint is None:
+                await self.app(scope, receive, send)
+            else:
+                await endpoint(WebSocket(scope, receive, send))
         finally:
             left = self.connections[address] - 1
             if left:
                 self.connections[address] = left
             else:
                 del self.connections[address]
+
+    def _check_host(self, headers: Headers) -> None:
+        """Raises: ForbiddenError, for a host name that is not loopback's in open mode."""
+        if self.check_host and self.open_mode():
+            if not is_loopback_host(headers.get("host", "")):
+                raise ForbiddenError(
+                    "this server is open (no token) and answers only to a loopback host name",
+                    field="host",
+                )
+
+    def _check_origin(self, origin: str, headers: Headers) -> None:
+        """Raises: ForbiddenError, for an origin that is neither ours nor allowed."""
+        if not self._origin_allowed(origin, headers):
+            raise ForbiddenError(f"origin {origin} is not allowed", field="origin")
+
+    def _endpoint(self, path: str) -> WebSocketEndpoint | None:
+        """The function of the app's WebSocket route for ``path``, when nothing but
+        starlette's exception middleware and router stands between the edge and it (see
+        ``_route_endpoint``); else None."""
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            endpoint = _route_endpoint(self.app, path)
+            if endpoint is not None:  # only a path that has a route is remembered
+                self._endpoints[path] = endpoint
+        return endpoint
 
     def _origin_allowed(self, origin: str, headers: Headers) -> bool:
         if origin in self.allow_origins:
@@ -259,6 +306,36 @@ class Edge:
         await send(accept)
         reason = f"{error.code}: {error.message}".encode()[:120].decode(errors="ignore")
         await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+
+def _route_endpoint(app: ASGIApp, path: str) -> WebSocketEndpoint | None:
+    """The function of the WebSocket route that starlette's router would call for
+    ``path``, when ``app`` is starlette's exception middleware around its router, and the
+    route is a plain one (no parameters, no middleware of its own); else None.
+
+    The edge calls it directly: a connection then holds none of the frames and closures
+    of the exception middleware, the router and the route (some 4 KB a connection), and
+    each send passes through two wrapping coroutines fewer. Nothing is lost: what those
+    layers add to a WebSocket connection is the HTTP exception handlers, which answer
+    requests, not sessions (a session's error still reaches uvicorn, which logs it).
+    """
+    if not isinstance(app, ExceptionMiddleware):
+        return None
+    router = app.app
+    if not isinstance(router, Router) or router.middleware_stack != router.app:
+        return None
+    for route in router.routes:
+        if isinstance(route, Route):
+            continue  # HTTP only: never a WebSocket's
+        if not isinstance(route, WebSocketRoute) or route.param_convertors:
+            return None  # a mount, or a pattern: let the router decide
+        if route.path != path:
+            continue
+        endpoint = route.endpoint
+        plain = inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
+        wrapped = getattr(route.app, "__qualname__", "").startswith("websocket_session.")
+        return endpoint if plain and wrapped else None
+    return None
 
 
 def _public(path: str, method: str, websocket: bool) -> bool:

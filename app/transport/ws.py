@@ -15,11 +15,13 @@ one blocked pump, never the server's shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app import __version__
@@ -46,6 +48,8 @@ from app.transport.metrics import Tally
 logger = logging.getLogger(__name__)
 
 PRESENCE_INTERVAL_S = 0.25
+# The send timers run in one shared, empty context: call_at would copy the current one.
+_TIMERS = contextvars.Context()
 CLOSE_TIMEOUT_S = 1.0  # a close frame to a client that does not read is given up after this
 
 
@@ -88,6 +92,10 @@ class Session:
         self.write_timeout_s = settings.write_timeout_s
         self._bucket = TokenBucket(settings.rate, settings.rate_burst, time.monotonic())
         self._send_lock = asyncio.Lock()
+        self._sender: asyncio.Task[Any] | None = None  # the task whose send is under way
+        self._send_began = 0.0
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_expired = False
         self._subscriptions: dict[str, _Subscription] = {}
         self._watches: dict[str, Any] = {}
         # Thread frames, drained by a task made with the first watch_thread (most
@@ -98,7 +106,8 @@ class Session:
         # run it started) waits, so the reply comes first.
         self._op_lock = asyncio.Lock()
         self._group: asyncio.TaskGroup | None = None
-        self._receiving: asyncio.Task[None] | None = None
+        self._receiving: asyncio.Task[Any] | None = None  # the task that runs serve()
+        self._receive_cancelled = False
         self._gone = False
 
     @property
@@ -113,13 +122,20 @@ class Session:
         offered = self.websocket.scope.get("subprotocols", ())
         await self.websocket.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
         logger.debug("connection_id=%s connected", self.connection_id)
+        # The connection's own task reads the client's frames: no task of its own for it
+        # (an idle connection holds a task, its frames and its context fewer: about 1 KB).
+        self._receiving = task = asyncio.current_task()
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                self._receiving = group.create_task(
-                    self._converse(), name=f"receive {self.connection_id}"
-                )
+                await self._converse()
+        except asyncio.CancelledError:
+            # By _close_socket (a client that did not take the close frame): the session
+            # ends as if the client had left; any other cancellation goes on up.
+            if not self._receive_cancelled or task is None or task.uncancel():
+                raise
         finally:
+            self._receiving = None
             # Attached but never pumped (the reply could not be sent): no longer watching.
             for subscription in list(self._subscriptions.values()):
                 if subscription.task is None:
@@ -127,6 +143,9 @@ class Session:
             for thread_id, listener in self._watches.items():
                 self.manager.unwatch_thread(thread_id, listener)
             self._watches.clear()
+            if self._send_timer is not None:  # it holds the session
+                self._send_timer.cancel()
+                self._send_timer = None
             logger.debug("connection_id=%s closed", self.connection_id)
 
     async def _converse(self) -> None:
@@ -153,21 +172,26 @@ class Session:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
-            size = len(data.encode() if isinstance(data, str) else data)
-            if size > self.max_frame_bytes:
-                await self._send(
-                    wire.reply_error(None, PayloadTooLargeError(size, self.max_frame_bytes))
-                )
-                continue
-            wait_s = self._bucket.take(time.monotonic())
-            if wait_s:
-                self.tally.rate_limited_ops += 1
-                await self._send(wire.reply_error(_ref_of(data), RateLimitedError(wait_s)))
-                continue
-            await self._handle(data)
+            await self._take(message)
+            del message  # else held while the next is awaited, by every idle connection
+
+    async def _take(self, message: Message) -> None:
+        """One client frame: answered, or refused for its size or the op rate."""
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > self.max_frame_bytes:
+            await self._send(
+                wire.reply_error(None, PayloadTooLargeError(size, self.max_frame_bytes))
+            )
+            return
+        wait_s = self._bucket.take(time.monotonic())
+        if wait_s:
+            self.tally.rate_limited_ops += 1
+            await self._send(wire.reply_error(_ref_of(data), RateLimitedError(wait_s)))
+            return
+        await self._handle(data)
 
     async def close(self, code: int = 1001, timeout_s: float = 5.0) -> None:
         """Let every pump deliver up to its run's end (for ``timeout_s``), then close with
@@ -195,16 +219,34 @@ class Session:
             pass
         receiving = self._receiving
         if receiving is not None and receiving is not asyncio.current_task():
+            self._receive_cancelled = True
             receiving.cancel()  # a client that does not take the close frame is let go
 
     async def _send(self, text: str) -> None:
         async with self._send_lock:
             if self._gone:
                 raise _ConnectionGone
+            # The write timeout, without asyncio.timeout's timer per send: one timer per
+            # connection, armed by the first send and re-armed only while a send waits.
+            self._sender = task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            self._send_began = loop.time()
+            if self._send_timer is None:
+                self._send_timer = loop.call_at(
+                    self._send_began + self.write_timeout_s, self._check_send, context=_TIMERS
+                )
             try:
-                async with asyncio.timeout(self.write_timeout_s):
+                try:
                     await self.websocket.send_text(text)
-            except TimeoutError:
+                finally:
+                    self._sender = None
+            except asyncio.CancelledError:
+                if not self._send_expired:
+                    raise
+                self._send_expired = False
+                assert task is not None
+                if task.uncancel():  # cancelled for another reason too
+                    raise
                 logger.info(
                     "connection_id=%s: no send progress for %.1f s; closing (4408)",
                     self.connection_id,
@@ -215,6 +257,21 @@ class Session:
             except (RuntimeError, OSError, WebSocketDisconnect) as exc:
                 self._gone = True
                 raise _ConnectionGone from exc
+
+    def _check_send(self) -> None:
+        """The send timer: a send that has waited for the write timeout is cancelled, and
+        ``_send`` closes the connection with 4408. No send now: not re-armed."""
+        self._send_timer = None
+        sender = self._sender
+        if sender is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._send_began + self.write_timeout_s
+        if loop.time() < due:
+            self._send_timer = loop.call_at(due, self._check_send, context=_TIMERS)
+        else:
+            self._send_expired = True
+            sender.cancel()
 
     async def _drain_outbox(self, outbox: asyncio.Queue[str]) -> None:
         while True:
@@ -405,7 +462,8 @@ class Session:
                     wait_s = None
                 events = await run.read_page(subscription.cursor, wire.MAX_EVENTS_PER_FRAME)
                 if events:
-                    await self._send(wire.events_frame(run.run_id, run.epoch, events))
+                    # Built once for every watcher that sends this page (shared_text).
+                    await self._send(run.shared_text(events, wire.events_frame))
                     subscription.cursor = events[-1].index
                     self.tally.events_delivered += len(events)  # per frame, not per event
                     continue
