@@ -15,7 +15,9 @@ Scenarios (each sized by flags; the defaults finish in under a minute each):
 - ``start``: start request to first event;
 - ``resume``: time to first event when resuming at ``last - 10`` of runs of 1,000 and
   1,000,000 events, from memory and from disk, and exactness over drop/resume cycles;
-- ``connections``: C idle subscribed connections, server memory per connection;
+- ``connections``: C idle subscribed connections, held by client processes of their own:
+  the server's memory per connection (RSS; with ``--tracemalloc`` its heap, by line) and
+  the time one event takes to reach them all (connections.py);
 - ``persist``: a long run with the flusher: sustained events/s, commits, emit-to-durable;
 - ``cluster`` (only when named: it needs PostgreSQL and Redis): nodes of one cluster side
   by side with one node: fanout CPU, cross-node latency, takeover time (cluster.py).

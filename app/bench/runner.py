@@ -14,6 +14,7 @@ from pathlib import Path
 from app.bench import chaos, cluster
 from app.bench._client import FAILURES, BenchError
 from app.bench._servers import raise_nofile, runcast_server
+from app.bench.connections import add_arguments as connections_arguments
 from app.bench.connections import scenario_connections
 from app.bench.fanout import scenario_fanout
 from app.bench.latency import scenario_latency
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=6, help="resume: random seed")
     parser.add_argument(
-        "--connections", type=int, default=10_000, help="connections: idle subscribed connections"
+        "--connections", type=int, default=15_000, help="connections: idle subscribed connections"
     )
     parser.add_argument(
         "--presence",
@@ -136,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also run each scenario against a server from the source tree DIR",
     )
+    connections_arguments(parser)
     chaos.add_arguments(parser)
     cluster.add_arguments(parser)
 
