@@ -24,6 +24,7 @@ from typing import IO, Any
 import pytest
 import uvicorn
 
+from app.cli import websocket_options
 from app.config import Settings
 from app.transport.app import Runtime, create_app
 
@@ -56,13 +57,9 @@ async def start_server(
     sock.bind(("127.0.0.1", 0))
     sock.listen(512)
     port = sock.getsockname()[1]
-    # As runcast serve configures it: no per-message compression.
+    # As runcast serve configures it: its WebSocket protocol and limits.
     config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="on",
-        ws_max_size=16 * 1024 * 1024,
-        ws_per_message_deflate=False,
+        app, log_level="warning", lifespan="on", interface="asgi3", **websocket_options(settings)
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
