@@ -124,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--persist-events", type=int, default=2_000_000, help="persist: events of the long run"
     )
     parser.add_argument(
+        "--persist-kills",
+        type=int,
+        default=None,
+        help="persist: SIGKILLs at full speed (default: one per 200,000 events, 1 to 10)",
+    )
+    parser.add_argument(
         "--linger",
         type=float,
         default=1.0,

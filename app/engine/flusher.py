@@ -5,6 +5,12 @@ caller awaits :meth:`Flusher.commit`), the flusher takes every dirty run's unwri
 events, current snapshot and row, and hands them to ``Store.write`` as one batch. A
 failed write leaves the runs dirty; the next flush retries, after a backoff.
 
+A write that does not end well may have been committed all the same (cancelled while in
+flight, the store's transaction goes on; a store may lose its answer): it leaves its runs
+*unsure*. Before their next write, the flusher reads their rows back, and what a row says
+is on disk is (a row and its events are written in one transaction): nothing is written
+twice, which the store would refuse (an event's index is its key).
+
 ``run()`` ends only when cancelled, or with an error that is not a ``StoreError`` (a bug):
 its owner (the manager) then restarts it. ``store_degraded`` says whether writes are
 failing right now; ``last_error`` is the last failure's text, for the log only.
@@ -36,6 +42,7 @@ class Flusher:
         self.store = store
         self.interval_s = interval_s
         self._dirty: dict[str, LiveRun] = {}
+        self._unsure: dict[str, LiveRun] = {}  # see the module's docstring
         self._kick = asyncio.Event()
         self._flushed = asyncio.Event()
         # One flush at a time: a commit that flushes inline (after close) must wait for a
@@ -63,6 +70,8 @@ class Flusher:
                 them dirty too.
         """
         async with self._lock:
+            if self._unsure:
+                await self._read_back()
             runs = [run for run in self._dirty.values() if run.needs_flush]
             self._dirty.clear()
             if not runs:
@@ -75,6 +84,7 @@ class Flusher:
             except BaseException as exc:
                 for run in runs:
                     self._dirty.setdefault(run.run_id, run)
+                    self._unsure[run.run_id] = run
                 if isinstance(exc, Exception):
                     self.store_degraded = True
                     self.failures += 1
@@ -93,6 +103,20 @@ class Flusher:
             if self.on_flush is not None:
                 self.on_flush(took_s, sum(len(item.events) for item in batch))
             return len(runs)
+
+    async def _read_back(self) -> None:
+        """Mark on disk what the rows of the unsure runs say is (see the docstring).
+
+        Raises:
+            StoreError: a read failed; the runs not read back yet stay unsure.
+        """
+        for run_id, run in list(self._unsure.items()):
+            record = await self.store.get_run(run_id)
+            if record is not None and record.epoch == run.epoch:
+                if record.last_index > run.flushed_index:
+                    logger.info("run %s: a failed write was committed after all", run_id)
+                    run.mark_flushed(record.last_index)
+            del self._unsure[run_id]
 
     async def commit(self, run: LiveRun, index: int | None = None) -> None:
         """Return once everything ``run`` holds now (staged terminal event included), or
