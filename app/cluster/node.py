@@ -174,16 +174,8 @@ class ClusterManager(RunManager):
 
     # -- the owner: runs, publishing, leases --------------------------------------------
 
-    def _new_run(
-        self,
-        thread_id: str,
-        agent: str,
-        input: JsonObject,
-        now: float,
-        title: str | None = None,
-        metadata: JsonObject | None = None,
-    ) -> LiveRun:
-        run = super()._new_run(thread_id, agent, input, now, title, metadata)
+    def _on_dirty(self) -> Callable[[LiveRun], None]:
+        """A run's new events go to the flusher and to Redis."""
         flusher_dirty = self.flusher.mark_dirty
 
         def dirty(source: LiveRun) -> None:
@@ -191,8 +183,7 @@ class ClusterManager(RunManager):
             self._to_publish[source.run_id] = source
             self._publish.set()
 
-        run._on_dirty = dirty
-        return run
+        return dirty
 
     def _admit(
         self,
@@ -202,19 +193,7 @@ class ClusterManager(RunManager):
         active: LiveRun | None,
         multitask: str,
     ) -> None:
-        view = LiveRun(
-            run_id=run.run_id,
-            thread_id=run.thread_id,
-            agent=run.agent,
-            input=run.input,
-            epoch=run.epoch,
-            created_at=run.created_at,
-            retention=self._mirror_retention,
-            title=run.title,
-            metadata=run.metadata,
-        )
-        view.fenced = True  # a view is never written: its events are the source's
-        self.views[run.run_id] = view
+        self.views[run.run_id] = LiveRun.view(run, self._mirror_retention)
         self._published[run.run_id] = 0
         super()._admit(run, agent, history, active, multitask)
 
@@ -761,8 +740,10 @@ class ClusterManager(RunManager):
                 for run_id, owner in free:
                     await self._take_over(run_id, owner)
             self._suspects = {run_id: now for run_id, _ in free}
-        for run_id, view in list(self._mirrors.items()):
-            record = await self.store.get_run(run_id)
+        mirrors = list(self._mirrors.values())
+        records = await self.pg.get_runs([view.run_id for view in mirrors]) if mirrors else {}
+        for view in mirrors:
+            record = records.get(view.run_id)
             if record is None or (
                 RunStatus(record.status).is_terminal and record.last_index > view.last_index
             ):

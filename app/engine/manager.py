@@ -339,11 +339,16 @@ class RunManager(ThreadOperations):
             input=input,
             epoch=new_epoch(),
             created_at=now,
-            on_dirty=self.flusher.mark_dirty,
+            on_dirty=self._on_dirty(),
             retention=self.retention,
             title=title,
             metadata=metadata,
         )
+
+    def _on_dirty(self) -> Callable[[LiveRun], None]:
+        """What a new run calls each time it has something new to write (on every append:
+        a callable, not a chain of calls)."""
+        return self.flusher.mark_dirty
 
     def _spawn_supervisor(self, run: LiveRun, agent: AgentSpec, history: list[JsonObject]) -> None:
         if self._closing:

@@ -156,17 +156,7 @@ class LiveRun:
     ) -> LiveRun:
         """A run read back from the store with the ``tail`` of its log (its last events);
         reads before the tail page from the store."""
-        run = cls(
-            run_id=record.run_id,
-            thread_id=record.thread_id,
-            agent=record.agent,
-            input=record.input,
-            epoch=record.epoch,
-            created_at=record.created_at,
-            retention=retention,
-            title=record.title,
-            metadata=record.metadata,
-        )
+        run = cls._named_as(record, retention)
         first = tail[0].index if tail else record.last_index + 1
         run.log = EventLog(record.epoch, tail, first_index=first)
         run.state = record.snapshot
@@ -176,6 +166,30 @@ class LiveRun:
         if run.status.is_terminal:
             run._ended.set()
         return run
+
+    @classmethod
+    def view(cls, source: LiveRun, retention: Retention | None = None) -> LiveRun:
+        """An empty run named as ``source``, never written (``fenced``): what another
+        process acknowledged of ``source``'s log is appended to it (a cluster node's view
+        of the runs it owns)."""
+        run = cls._named_as(source, retention)
+        run.fenced = True
+        return run
+
+    @classmethod
+    def _named_as(cls, source: RunRecord | LiveRun, retention: Retention | None) -> LiveRun:
+        """A new run with ``source``'s id, thread, agent, input, epoch, birth and names."""
+        return cls(
+            run_id=source.run_id,
+            thread_id=source.thread_id,
+            agent=source.agent,
+            input=source.input,
+            epoch=source.epoch,
+            created_at=source.created_at,
+            retention=retention,
+            title=source.title,
+            metadata=source.metadata,
+        )
 
     # -- reading ---------------------------------------------------------------------
 

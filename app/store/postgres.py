@@ -601,6 +601,13 @@ class PostgresStore:
         rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1", run_id)
         return _run_from_row(rows[0]) if rows else None
 
+    async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
+        """The rows of ``run_ids`` that exist, by id: one query for them all."""
+        rows = await self._fetch(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ANY($1::text[])", list(run_ids)
+        )
+        return {record.run_id: record for record in map(_run_from_row, rows)}
+
     async def list_runs(
         self, query: RunQuery, *, before: Key | None = None, limit: int
     ) -> list[RunRecord]:

@@ -254,6 +254,14 @@ async def test_write_and_read_back_runs_and_events(store: PostgresStore) -> None
     assert await store.read_events("run_nope", 0, None) == []
 
 
+async def test_get_runs_reads_many_rows_in_one_query(store: PostgresStore) -> None:
+    await thread(store)
+    a, b = record("run_a", last_index=2), record("run_b", last_index=3)
+    await store.write([RunWrite(a, events(1, 2)), RunWrite(b, events(1, 3))])
+    assert await store.get_runs(["run_b", "run_nope", "run_a"]) == {"run_a": a, "run_b": b}
+    assert await store.get_runs([]) == {}
+
+
 async def test_a_later_write_updates_the_row_and_appends_events(store: PostgresStore) -> None:
     await thread(store)
     first = record("run_a", last_index=2, metadata={"k": "v"})
