@@ -44,6 +44,10 @@ def test_every_scenario_runs_at_tiny_sizes(tmp_path: Path) -> None:
     fanout = [row for row in rows if row["scenario"] == "fanout"]
     assert len(fanout) == 2 and all(row["rate/ref"] > 0 for row in fanout)
     assert "| fanout |" in done.stdout
+    resumes = [row for row in rows if "disk_p50_ms" in row]
+    assert len(resumes) == 2 and all(row["idle_memory_p50_ms"] > 0 for row in resumes)
+    kills = [row for row in rows if "kill_age_p50_ms" in row]
+    assert len(kills) == 1 and kills[0]["kill_age_p50_ms"] > 0
 
 
 def test_a_gap_fails_the_watcher() -> None:

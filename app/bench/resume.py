@@ -1,11 +1,17 @@
-"""The ``resume`` scenario of ``runcast bench``."""
+"""The ``resume`` scenario of ``runcast bench``: a subscribe with a cursor near the end of
+an ended run, to its first events frame, from memory (``memory_*``: 20 resumes back to
+back), from disk (``disk_*``: after the run was evicted, ``--linger`` + 0.5 s idle) and
+from memory after a pause of ``--linger``/2 (``idle_memory_p50_ms``: the cost of waking
+idle processes, which ``disk_*`` pays too); and drop/resume cycles on a live run."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import random
+import re
 import time
+import urllib.request
 
 from app.bench._client import BenchError, Conn, ExactlyOnceError, counter_op, pct, wait_all
 from app.bench._servers import Target
@@ -30,6 +36,29 @@ async def _time_resume(conn: Conn, run_id: str, after: int, last: int) -> float:
     await conn.request({"op": "subscribe", "run_id": run_id, "after": after}, timeout_s=120)
     await wait_all([watch], 120)
     return watch.first_at - began
+
+
+async def _expect_in_memory(target: Target, held: bool) -> None:
+    """Check the server's ``runcast_runs_in_memory`` (its /metrics): one run or none.
+
+    Raises:
+        BenchError: the run is (or is not) in memory, not as the scenario meant.
+    """
+    url = target.ws_url.replace("ws", "http", 1).rsplit("/", 1)[0] + "/metrics"
+    try:
+        text = await asyncio.to_thread(_get, url)
+    except OSError:
+        return  # a --url server that does not show its metrics: not checked
+    match = re.search(r"^runcast_runs_in_memory (\S+)$", text, re.MULTILINE)
+    if match is not None and (float(match[1]) > 0) != held:
+        where = "still in memory" if not held else "not in memory"
+        raise BenchError(f"resume: the run is {where} ({match[0]})")
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
 
 
 async def _resume_cycles(args: argparse.Namespace, target: Target) -> tuple[int, int]:
@@ -75,10 +104,17 @@ async def scenario_resume(args: argparse.Namespace, target: Target, report: Repo
             after = max(0, last - 10)
             memory = [await _time_resume(conn, run_id, after, last) for _ in range(20)]
             disk: list[float] = []
+            idle: list[float] = []
             if target.linger_s is not None:
                 for _ in range(args.resume_disk_samples):
                     await asyncio.sleep(target.linger_s + 0.5)  # evicted by then
+                    await _expect_in_memory(target, False)
                     disk.append(await _time_resume(conn, run_id, after, last))
+                    # The same resume from memory after a pause (the run lingers): what
+                    # waking two idle processes costs, apart from reading the disk.
+                    await asyncio.sleep(target.linger_s / 2)
+                    await _expect_in_memory(target, True)
+                    idle.append(await _time_resume(conn, run_id, after, last))
             report.add(
                 "resume",
                 f"run of {n:,} events, after=last-10",
@@ -86,6 +122,7 @@ async def scenario_resume(args: argparse.Namespace, target: Target, report: Repo
                 memory_max_ms=max(memory) * 1000,
                 disk_p50_ms=pct([x * 1000 for x in disk], 50),
                 disk_max_ms=max(disk) * 1000 if disk else float("nan"),
+                idle_memory_p50_ms=pct([x * 1000 for x in idle], 50),
             )
         cycles, events = await _resume_cycles(args, target)
         report.add(
