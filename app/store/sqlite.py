@@ -217,7 +217,7 @@ def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
 # -- the write path ---------------------------------------------------------------------
 #
 # Every write of runs (the flusher's, a thread's change) is ONE transaction, made by the
-# store's writer process (``_WRITER``, a few lines of the standard library) with a
+# store's writer process (app/store/sqlite_writer.py, the standard library only) with a
 # connection of its own: the server sends it the transaction's statements (a pickle in a
 # temporary file both hold open, its size through a pipe) and waits for its answer. The
 # writer has a GIL of its own. A thread of the server's own does not: each time it takes
@@ -310,75 +310,8 @@ def _run_statements(batch: Sequence[RunWrite]) -> list[Statement]:
     ]
 
 
-# The writer process: ``python -c _WRITER PATH FD PRAGMA...``. It answers once it has
-# opened the file (None, or the error), then once per request (the same). Requests come
-# as their size on stdin, the pickle at the start of the file FD; answers go to stdout,
-# pickled, after their size. It ends when its stdin does, when the store closes it; and
-# dies with the server (Linux: the kernel kills it; elsewhere it checks before each
-# commit): what it was writing then is rolled back, as in the server's own process. It
-# ignores SIGINT and SIGTERM, which its process group may get (a terminal's ^C, a service
-# manager): the server writes through it once more as it shuts down.
-_WRITER = """
-import os, pickle, signal, sqlite3, struct, sys
-
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-path, transfer, pragmas = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-requests, answers = sys.stdin.buffer, sys.stdout.buffer
-server = os.getppid()
-try:  # Linux: killed with the server, as a thread of its own would be (PR_SET_PDEATHSIG)
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-except (AttributeError, OSError):
-    pass  # elsewhere: it checks that the server lives before each commit
-if os.getppid() != server:
-    raise SystemExit(0)
-
-def answer(error):
-    data = pickle.dumps(error)
-    try:
-        answers.write(struct.pack("<Q", len(data)) + data)
-        answers.flush()
-    except BrokenPipeError:
-        raise SystemExit(0)  # the server is gone
-
-def transact(connection, statements):
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, parameters, many in statements:
-            (connection.executemany if many else connection.execute)(sql, parameters)
-        if os.getppid() != server:
-            # The server died while this was under way: rolled back, as it would have
-            # been in the server's own process, not committed by an orphan (after the
-            # crash, perhaps after a new server has begun on the file).
-            raise SystemExit(0)
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-try:
-    connection = sqlite3.connect(path, isolation_level=None)
-    for pragma in pragmas:
-        connection.execute(pragma)
-except sqlite3.Error as error:
-    answer(error)
-    raise SystemExit(1)
-answer(None)
-while len(header := requests.read(8)) == 8:
-    (size,) = struct.unpack("<Q", header)
-    try:
-        transact(connection, pickle.loads(os.pread(transfer, size, 0)))
-    except sqlite3.Error as error:
-        answer(error)
-    except Exception as error:
-        answer(RuntimeError(f"the writer process failed: {error!r}"))
-    else:
-        answer(None)
-connection.close()
-"""
+# The writer process's program (run by its path: see its docstring).
+_WRITER = str(Path(__file__).with_name("sqlite_writer.py"))
 
 # The writer's connection, as the store's own (WAL is the file's, set by ``open``; its busy
 # timeout is the store connection's as the writer starts).
@@ -394,7 +327,8 @@ _WRITER_PRAGMAS = (
 
 
 class _Writer:
-    """The store's writer process (``_WRITER``), and the file requests go through."""
+    """The store's writer process (app/store/sqlite_writer.py), and the file requests go
+    through."""
 
     def __init__(self, process: asyncio.subprocess.Process, transfer: BinaryIO) -> None:
         self._process = process
@@ -414,7 +348,7 @@ class _Writer:
         fd = transfer.fileno()
         try:
             process = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-c", _WRITER, str(path), str(fd), *pragmas),
+                *(sys.executable, "-P", _WRITER, str(path), str(fd), *pragmas),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(fd,),
@@ -453,6 +387,11 @@ class _Writer:
         except asyncio.CancelledError:
             await self._any_answer()
             raise
+        finally:
+            # The writer is done with it: between writes the file holds nothing (no text
+            # of a run deleted since stays in it).
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._transfer.fileno(), 0)
 
     async def _any_answer(self) -> None:
         """Wait for the answer in flight, whatever it says, however often cancelled."""

@@ -94,6 +94,13 @@ async def test_a_big_write_is_one_request_to_the_writer(
         assert await store.read_keyframe(run_id, 5_000) == (5_000, {"at": 5_000})
 
 
+async def test_the_file_requests_go_through_is_empty_between_writes(store: SqliteStore) -> None:
+    await store.write([RunWrite(record("run_a", 2_000), ticks(1, 2_000, "secret text"))])
+    assert store._writer is not None
+    assert os.fstat(store._writer._transfer.fileno()).st_size == 0
+    assert len(await on_disk(store, "run_a")) == 2_000
+
+
 async def test_many_runs_in_one_write_all_land_and_all_or_nothing(store: SqliteStore) -> None:
     """More runs than one statement takes (rows, events, keyframes each split over several
     statements): every one lands; and one bad run refuses the whole batch."""
