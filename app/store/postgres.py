@@ -61,6 +61,13 @@ from app.errors import ConflictError, NotFoundError, RunInProgressError, StoreEr
 from app.store import paging
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
 from app.store.paging import Dialect
+from app.store.rows import (
+    RUN_COLUMNS,
+    THREAD_COLUMNS,
+    run_from_row,
+    thread_from_row,
+    thread_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +175,9 @@ LOCK_TIMEOUT_MS = 5_000  # what a statement waits for a lock (SQLite's busy time
 CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # close() waits this long for connections in use, then cuts them
 
-_RUN_COLUMNS = (
-    "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at,"
-    " updated_at, title, metadata::text"
-)
-_THREAD_COLUMNS = "thread_id, metadata::text, revision, head, created_at, updated_at, title"
+# Metadata is jsonb: read as its text, as SQLite keeps it.
+_RUN_COLUMNS = ", ".join(RUN_COLUMNS).replace("metadata", "metadata::text")
+_THREAD_COLUMNS = ", ".join(THREAD_COLUMNS).replace("metadata", "metadata::text")
 _SHARE_COLUMNS = "share_id, kind, resource_id, role, created_by, created_at, expires_at, revoked_at"
 
 # A run's title and metadata are written when it is created and by ``update_run`` (PATCH)
@@ -239,35 +244,6 @@ def thread_page_query(
 ) -> tuple[str, tuple[Any, ...]]:
     """The SQL and parameters of a page of threads (its query plan is tested)."""
     return paging.thread_page_query(POSTGRES, _THREAD_COLUMNS, metadata, before, limit)
-
-
-def _run_from_row(row: asyncpg.Record) -> RunRecord:
-    return RunRecord(
-        run_id=row[0],
-        thread_id=row[1],
-        agent=row[2],
-        input=decode(row[3]),
-        status=row[4],
-        epoch=row[5],
-        last_index=row[6],
-        snapshot=decode(row[7]),
-        created_at=row[8],
-        updated_at=row[9],
-        title=row[10],
-        metadata=decode(row[11]),
-    )
-
-
-def _thread_from_row(row: asyncpg.Record) -> ThreadRecord:
-    return ThreadRecord(
-        thread_id=row[0],
-        metadata=decode(row[1]),
-        revision=row[2],
-        head=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        title=row[6],
-    )
 
 
 def _message_content(snapshot_text: str | None) -> str | None:
@@ -430,14 +406,14 @@ class PostgresStore:
         await self._execute(
             "INSERT INTO threads (thread_id, metadata, revision, head, created_at, updated_at,"
             " title) VALUES ($1, $2::jsonb, $3, $4, $5, $6, $7)",
-            *_thread_row(thread),
+            *thread_row(thread),
         )
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None:
         rows = await self._fetch(
             f"SELECT {_THREAD_COLUMNS} FROM threads WHERE thread_id = $1", thread_id
         )
-        return _thread_from_row(rows[0]) if rows else None
+        return thread_from_row(rows[0]) if rows else None
 
     async def write_thread(
         self,
@@ -504,7 +480,7 @@ class PostgresStore:
                 " ON CONFLICT (thread_id) DO UPDATE SET revision = excluded.revision,"
                 " head = excluded.head, updated_at = excluded.updated_at,"
                 " title = excluded.title, metadata = excluded.metadata",
-                *_thread_row(thread),
+                *thread_row(thread),
             )
             if turns:
                 await db.execute(
@@ -599,26 +575,26 @@ class PostgresStore:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = $1", run_id)
-        return _run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunRecord]:
         """The rows of ``run_ids`` that exist, by id: one query for them all."""
         rows = await self._fetch(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ANY($1::text[])", list(run_ids)
         )
-        return {record.run_id: record for record in map(_run_from_row, rows)}
+        return {record.run_id: record for record in map(run_from_row, rows)}
 
     async def list_runs(
         self, query: RunQuery, *, before: Key | None = None, limit: int
     ) -> list[RunRecord]:
         sql, params = run_page_query(query, before, limit)
-        return [_run_from_row(row) for row in await self._fetch(sql, *params)]
+        return [run_from_row(row) for row in await self._fetch(sql, *params)]
 
     async def list_threads(
         self, *, metadata: Sequence[tuple[str, str]], before: Key | None = None, limit: int
     ) -> list[ThreadRecord]:
         sql, params = thread_page_query(metadata, before, limit)
-        return [_thread_from_row(row) for row in await self._fetch(sql, *params)]
+        return [thread_from_row(row) for row in await self._fetch(sql, *params)]
 
     async def update_run(
         self, run_id: str, *, title: str | None, metadata: JsonObject, updated_at: float
@@ -711,7 +687,7 @@ class PostgresStore:
             _LIVE,
             self.node_id,
         )
-        return [_run_from_row(row) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     # -- several nodes ---------------------------------------------------------------------
 
@@ -737,7 +713,7 @@ class PostgresStore:
             self.node_id,
             _LIVE,
         )
-        return _run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def add_signal(self, run_id: str, body: str, at: float) -> int:
         """Record a signal (stop, respond) for a run's owner; returns its id."""
@@ -927,15 +903,3 @@ class PostgresStore:
             return await self.pool.fetchval(sql, *params)
         except _DB_ERRORS as exc:
             raise StoreError(f"database read failed: {exc}") from exc
-
-
-def _thread_row(thread: ThreadRecord) -> tuple[Any, ...]:
-    return (
-        thread.thread_id,
-        encode(thread.metadata),
-        thread.revision,
-        thread.head,
-        thread.created_at,
-        thread.updated_at,
-        thread.title,
-    )

@@ -30,6 +30,13 @@ from app.errors import StoreError
 from app.store import paging
 from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
 from app.store.paging import Dialect
+from app.store.rows import (
+    RUN_COLUMNS,
+    THREAD_COLUMNS,
+    run_from_row,
+    thread_from_row,
+    thread_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +137,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 _SHARE_COLUMNS = "share_id, kind, resource_id, role, created_by, created_at, expires_at, revoked_at"
 
-_RUN_COLUMNS = (
-    "run_id, thread_id, agent, input, status, epoch, last_index, snapshot, created_at,"
-    " updated_at, title, metadata"
-)
+_RUN_COLUMNS = ", ".join(RUN_COLUMNS)
 
 # A run's title and metadata are written when it is created and by ``update_run`` (PATCH)
 # only: a flush never overwrites them.
@@ -169,49 +173,8 @@ def thread_page_query(
     return paging.thread_page_query(SQLITE, _THREAD_COLUMNS, metadata, before, limit)
 
 
-def _run_from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
-    return RunRecord(
-        run_id=row[0],
-        thread_id=row[1],
-        agent=row[2],
-        input=decode(row[3]),
-        status=row[4],
-        epoch=row[5],
-        last_index=row[6],
-        snapshot=decode(row[7]),
-        created_at=row[8],
-        updated_at=row[9],
-        title=row[10],
-        metadata=decode(row[11]),
-    )
-
-
-_THREAD_COLUMNS = "thread_id, metadata, revision, head, created_at, updated_at, title"
+_THREAD_COLUMNS = ", ".join(THREAD_COLUMNS)
 _THREAD_VALUES = "VALUES (?, ?, ?, ?, ?, ?, ?)"
-
-
-def _thread_row(thread: ThreadRecord) -> tuple[Any, ...]:
-    return (
-        thread.thread_id,
-        encode(thread.metadata),
-        thread.revision,
-        thread.head,
-        thread.created_at,
-        thread.updated_at,
-        thread.title,
-    )
-
-
-def _thread_from_row(row: sqlite3.Row | tuple[Any, ...]) -> ThreadRecord:
-    return ThreadRecord(
-        thread_id=row[0],
-        metadata=decode(row[1]),
-        revision=row[2],
-        head=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        title=row[6],
-    )
 
 
 # -- the write path ---------------------------------------------------------------------
@@ -518,7 +481,7 @@ class SqliteStore:
     async def create_thread(self, thread: ThreadRecord) -> None:
         """Raises: StoreError (a thread with this id exists)."""
         await self._execute(
-            f"INSERT INTO threads ({_THREAD_COLUMNS}) {_THREAD_VALUES}", _thread_row(thread)
+            f"INSERT INTO threads ({_THREAD_COLUMNS}) {_THREAD_VALUES}", thread_row(thread)
         )
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None:
@@ -526,7 +489,7 @@ class SqliteStore:
             f"SELECT {_THREAD_COLUMNS} FROM threads WHERE thread_id = ?",
             (thread_id,),
         )
-        return _thread_from_row(rows[0]) if rows else None
+        return thread_from_row(rows[0]) if rows else None
 
     async def write_thread(
         self, thread: ThreadRecord, turns: Sequence[Turn], runs: Sequence[RunWrite] = ()
@@ -547,7 +510,7 @@ class SqliteStore:
                 " ON CONFLICT (thread_id) DO UPDATE SET revision = excluded.revision,"
                 " head = excluded.head, updated_at = excluded.updated_at,"
                 " title = excluded.title, metadata = excluded.metadata",
-                _thread_row(thread),
+                thread_row(thread),
                 False,
             ),
             (
@@ -646,19 +609,19 @@ class SqliteStore:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = self._point_read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
-        return _run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def list_runs(
         self, query: RunQuery, *, before: Key | None = None, limit: int
     ) -> list[RunRecord]:
         sql, params = run_page_query(query, before, limit)
-        return [_run_from_row(row) for row in await self._fetch(sql, params)]
+        return [run_from_row(row) for row in await self._fetch(sql, params)]
 
     async def list_threads(
         self, *, metadata: Sequence[tuple[str, str]], before: Key | None = None, limit: int
     ) -> list[ThreadRecord]:
         sql, params = thread_page_query(metadata, before, limit)
-        return [_thread_from_row(row) for row in await self._fetch(sql, params)]
+        return [thread_from_row(row) for row in await self._fetch(sql, params)]
 
     async def update_run(
         self, run_id: str, *, title: str | None, metadata: JsonObject, updated_at: float
@@ -850,7 +813,7 @@ class SqliteStore:
         rows = await self._fetch(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE status NOT IN ({marks})", _TERMINAL
         )
-        return [_run_from_row(row) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     async def stats(self) -> dict[str, Any]:
         rows = await self._fetch("SELECT count(*) FROM runs", ())
