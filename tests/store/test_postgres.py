@@ -1,24 +1,22 @@
-"""PostgresStore on the machine's PostgreSQL: every method of the Store protocol with the
-semantics of SqliteStore (tests/store/test_sqlite.py and test_records.py, which stay
-SQLite's: they read the file), and what a database shared by several processes adds:
-row-locked thread writes, one active run per thread, migrations by one node at a time.
-Then one real server on PostgreSQL, end to end.
+"""PostgresStore on the machine's PostgreSQL: what only it has, and what a database shared
+by several processes adds: row-locked thread writes, one active run per thread, migrations
+by one node at a time, owners, fencing and signals. Then one real server on PostgreSQL,
+end to end. What it does as every store does (the semantics of SqliteStore) is tested on
+both in test_contract.py.
 
 Each test gets a database of its own (``CREATE DATABASE`` with a random name, dropped
 ``WITH (FORCE)`` at teardown), so tests never see each other, in one run or in two run
 side by side. ``RUNCAST_TEST_POSTGRES`` names the server's maintenance database (default
-``postgresql://postgres@127.0.0.1:5432/postgres``); without a server the tests are
-skipped, except under CI, where they fail.
+``postgresql://postgres@127.0.0.1:5432/postgres``); without a server the tests fail,
+naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -27,11 +25,9 @@ import pytest
 import uvicorn
 
 from app.config import Settings
-from app.core.events import Event
-from app.core.turns import Turn
 from app.errors import ConflictError, NotFoundError, RunInProgressError, StoreError
 from app.store import open_store
-from app.store.base import Key, RunQuery, RunRecord, RunWrite, ShareRecord, ThreadRecord
+from app.store.base import RunQuery, RunWrite, ShareRecord, ThreadRecord
 from app.store.postgres import (
     SCHEMA_VERSION,
     PostgresStore,
@@ -42,6 +38,16 @@ from app.store.postgres import (
 from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
 from tests.cluster.nodes import fresh_database
+from tests.store.helpers import (
+    ended_events,
+    events,
+    fill,
+    make_thread,
+    page_queries,
+    record,
+    thread,
+    turns_of,
+)
 from tests.transport.helpers import connect
 
 pytestmark = pytest.mark.timeout(30)
@@ -79,55 +85,6 @@ async def raw(pg_url: str, store: PostgresStore) -> AsyncIterator[asyncpg.Connec
         await connection.close()
 
 
-def record(
-    run_id: str,
-    *,
-    thread_id: str = "thr_1",
-    status: str = "queued",
-    last_index: int = 0,
-    created_at: float = 10.0,
-    epoch: str = "e1",
-    agent: str = "demo",
-    metadata: dict[str, Any] | None = None,
-    content: str = "x",
-) -> RunRecord:
-    return RunRecord(
-        run_id=run_id,
-        thread_id=thread_id,
-        agent=agent,
-        input={"prompt": "héllo ✓", "tokens": 3},
-        status=status,
-        epoch=epoch,
-        last_index=last_index,
-        snapshot={"status": status, "message": {"content": content}, "usage": {"t": 1.5}},
-        created_at=created_at,
-        updated_at=created_at + 1,
-        title=f"title of {run_id}",
-        metadata=metadata or {},
-    )
-
-
-def events(first: int, last: int) -> list[Event]:
-    return [
-        Event(i, "text", {"text": f'tök {i} "quoted" \u2028 \u0000', "n": i / 3}, 1.7e9 + i)
-        for i in range(first, last + 1)
-    ]
-
-
-def ended_events(text: str) -> list[Event]:
-    return [
-        Event(1, "status", {"status": "running"}, 1.0),
-        Event(2, "text", {"text": text}, 2.0),
-        Event(3, "status", {"status": "completed"}, 3.0),
-    ]
-
-
-async def thread(store: PostgresStore, thread_id: str = "thr_1") -> ThreadRecord:
-    written = ThreadRecord(thread_id, {"title": "t", "tags": ["a"]}, 1.0, 2.0)
-    await store.create_thread(written)
-    return written
-
-
 # -- schema ---------------------------------------------------------------------------------
 
 
@@ -160,23 +117,6 @@ async def test_nodes_opening_a_new_database_together_migrate_it_once(pg_url: str
         for s in stores:
             await s.close()
             await s.close()  # twice is harmless
-
-
-async def test_data_survives_a_reopen(pg_url: str) -> None:
-    first = PostgresStore(pg_url)
-    await first.open()
-    await thread(first)
-    await first.write([RunWrite(record("run_a", last_index=3), events(1, 3))])
-    await first.close()
-    second = PostgresStore(pg_url)
-    await second.open()
-    try:
-        assert await second.get_run("run_a") == record("run_a", last_index=3)
-        assert [e.json for e in await second.read_events("run_a", 0, None)] == [
-            e.json for e in events(1, 3)
-        ]
-    finally:
-        await second.close()
 
 
 async def test_a_newer_schema_is_refused_as_it_is(pg_url: str) -> None:
@@ -241,78 +181,12 @@ def test_redact_drops_passwords() -> None:
 # -- runs and their events -----------------------------------------------------------------
 
 
-async def test_write_and_read_back_runs_and_events(store: PostgresStore) -> None:
-    await thread(store)
-    written = events(1, 5)
-    run = record("run_a", last_index=5, metadata={"k": "v", "n": 1})
-    await store.write([RunWrite(run, written)])
-    assert await store.get_run("run_a") == run
-    read = await store.read_events("run_a", 0, None)
-    assert [e.json for e in read] == [e.json for e in written], "the text is stored as is"
-    assert [e.to_dict() for e in read] == [e.to_dict() for e in written]
-    assert await store.get_run("run_nope") is None
-    assert await store.read_events("run_nope", 0, None) == []
-
-
 async def test_get_runs_reads_many_rows_in_one_query(store: PostgresStore) -> None:
     await thread(store)
     a, b = record("run_a", last_index=2), record("run_b", last_index=3)
     await store.write([RunWrite(a, events(1, 2)), RunWrite(b, events(1, 3))])
     assert await store.get_runs(["run_b", "run_nope", "run_a"]) == {"run_a": a, "run_b": b}
     assert await store.get_runs([]) == {}
-
-
-async def test_a_later_write_updates_the_row_and_appends_events(store: PostgresStore) -> None:
-    await thread(store)
-    first = record("run_a", last_index=2, metadata={"k": "v"})
-    await store.write([RunWrite(first, events(1, 2))])
-    later = RunRecord(
-        **{
-            **{f: getattr(first, f) for f in first.__dataclass_fields__},
-            "status": "completed",
-            "epoch": "e2",
-            "last_index": 4,
-            "snapshot": {"status": "completed"},
-            "updated_at": 99.0,
-            # Identity columns, title and metadata of an existing row are never rewritten.
-            "input": {"changed": True},
-            "created_at": 55.0,
-            "title": "stale",
-            "metadata": {"stale": "yes"},
-        }
-    )
-    await store.write([RunWrite(later, events(3, 4))])
-    got = await store.get_run("run_a")
-    assert got is not None
-    assert (got.status, got.epoch, got.last_index, got.updated_at) == ("completed", "e2", 4, 99.0)
-    assert got.snapshot == {"status": "completed"}
-    assert (got.input, got.created_at, got.title, got.metadata) == (
-        first.input,
-        first.created_at,
-        first.title,
-        first.metadata,
-    )
-    assert [e.index for e in await store.read_events("run_a", 0, None)] == [1, 2, 3, 4]
-
-
-async def test_one_batch_is_one_transaction(store: PostgresStore) -> None:
-    await thread(store)
-    await store.write([RunWrite(record("run_a", last_index=1), events(1, 1))])
-    # run_b is fine, run_a repeats event 1: the whole batch is refused.
-    with pytest.raises(StoreError) as caught:
-        await store.write(
-            [
-                RunWrite(record("run_b", last_index=2), events(1, 2)),
-                RunWrite(record("run_a", last_index=2, status="completed"), events(1, 2)),
-            ]
-        )
-    assert isinstance(caught.value.__cause__, asyncpg.UniqueViolationError)
-    assert await store.get_run("run_b") is None
-    assert await store.read_events("run_b", 0, None) == []
-    got = await store.get_run("run_a")
-    assert got is not None and (got.status, got.last_index) == ("queued", 1)
-    await store.write([RunWrite(record("run_b", last_index=2), events(1, 2))])
-    assert len(await store.read_events("run_b", 0, None)) == 2
 
 
 async def test_a_big_flush_is_one_transaction(
@@ -335,17 +209,6 @@ async def test_a_big_flush_is_one_transaction(
     assert await raw.fetchval("SELECT count(*) FROM events") == 25_000
 
 
-async def test_a_run_needs_its_thread(store: PostgresStore) -> None:
-    with pytest.raises(StoreError):
-        await store.write([RunWrite(record("run_a", thread_id="thr_missing"))])
-    assert await store.get_run("run_a") is None
-
-
-async def test_an_empty_batch_writes_nothing(store: PostgresStore) -> None:
-    await store.write([])
-    assert (await store.stats())["runs"] == 0
-
-
 async def test_stats_name_the_database_without_its_password(pg_url: str) -> None:
     store = PostgresStore(pg_url.replace("postgres@", "postgres:hunter2@"))
     await store.open()
@@ -359,21 +222,6 @@ async def test_stats_name_the_database_without_its_password(pg_url: str) -> None
         await store.close()
 
 
-async def test_read_events_after_and_limit(store: PostgresStore) -> None:
-    await thread(store)
-    await store.write([RunWrite(record("run_a", last_index=10), events(1, 10))])
-
-    async def indexes(after: int, limit: int | None) -> list[int]:
-        return [e.index for e in await store.read_events("run_a", after, limit)]
-
-    assert await indexes(0, None) == list(range(1, 11))
-    assert await indexes(7, None) == [8, 9, 10]
-    assert await indexes(2, 3) == [3, 4, 5]
-    assert await indexes(0, 0) == []
-    assert await indexes(10, None) == []
-    assert await indexes(12, 5) == []
-
-
 async def test_keyframes_newest_at_or_before(store: PostgresStore) -> None:
     await thread(store)
     first = RunWrite(record("run_a", last_index=4), events(1, 4), [(2, '{"k":2}'), (4, '{"k":4}')])
@@ -382,16 +230,6 @@ async def test_keyframes_newest_at_or_before(store: PostgresStore) -> None:
     assert await store.read_keyframe("run_a", 1) is None
     assert await store.read_keyframe("run_a", 3) == (2, {"k": 2})
     assert await store.read_keyframe("run_a", 9) == (4, {"k": "again"})
-
-
-async def test_live_runs_are_those_not_ended(store: PostgresStore) -> None:
-    statuses = ["queued", "running", "requires_action", "completed", "failed", "stopped"]
-    statuses.append("interrupted")
-    for k, status in enumerate(statuses):  # one thread each: one active run per thread
-        await thread(store, f"thr_{k}")
-        await store.write([RunWrite(record(f"run_{status}", thread_id=f"thr_{k}", status=status))])
-    live = await store.live_runs()
-    assert {r.run_id for r in live} == {"run_queued", "run_running", "run_requires_action"}
 
 
 # -- one active run per thread ---------------------------------------------------------------
@@ -445,41 +283,6 @@ async def test_a_run_written_twice_in_a_batch_keeps_its_last_row(store: Postgres
 
 
 # -- threads and turns -----------------------------------------------------------------------
-
-
-def turns_of(thread_id: str, run_id: str, text: str) -> tuple[Turn, Turn]:
-    question = Turn(f"turn_q_{thread_id}", thread_id, None, "user", text, None, "completed", 1.0)
-    answer = Turn(
-        f"turn_a_{thread_id}", thread_id, question.turn_id, "assistant", "", run_id, "queued", 1.0
-    )
-    return question, answer
-
-
-async def make_thread(store: PostgresStore, thread_id: str, text: str) -> tuple[str, str]:
-    """A thread with a user turn answered by an ended run, shared twice; (run_id,
-    assistant turn id)."""
-    run_id = f"run_of_{thread_id}"
-    question, answer = turns_of(thread_id, run_id, text)
-    run = record(run_id, thread_id=thread_id, status="completed", last_index=3, content=text)
-    await store.write_thread(
-        ThreadRecord(thread_id, {"s": text}, 1.0, 1.0, 1, answer.turn_id, title=text),
-        [question, answer],
-        [RunWrite(run, ended_events(text), keyframes=[(2, '{"k": 1}')])],
-    )
-    share = ShareRecord(f"shr_{thread_id}", "run", run_id, "viewer", "open", 1.0, 9e9)
-    await store.create_share(share)
-    await store.create_share(
-        ShareRecord(f"shr_t_{thread_id}", "thread", thread_id, "viewer", "open", 1.0, 9e9)
-    )
-    return run_id, answer.turn_id
-
-
-async def test_threads_round_trip(store: PostgresStore) -> None:
-    written = await thread(store, "thr_x")
-    assert await store.get_thread("thr_x") == written
-    assert await store.get_thread("thr_nope") is None
-    with pytest.raises(StoreError):
-        await thread(store, "thr_x")  # the id is taken
 
 
 async def test_write_thread_writes_row_turns_and_run_at_once(store: PostgresStore) -> None:
@@ -607,102 +410,7 @@ async def test_concurrent_bumps_from_two_processes_all_land(pg_url: str) -> None
             await s.close()
 
 
-# -- titles, metadata and listing -------------------------------------------------------------
-
-
-async def test_update_run_sets_title_and_metadata(store: PostgresStore) -> None:
-    await thread(store)
-    await store.write([RunWrite(record("run_1", metadata={"k": "v"}))])
-    await store.update_run("run_1", title="renamed", metadata={"k": "w"}, updated_at=6.0)
-    await store.write([RunWrite(record("run_1", metadata={"stale": "yes"}))])
-    stored = await store.get_run("run_1")
-    assert stored is not None
-    assert (stored.title, stored.metadata) == ("renamed", {"k": "w"})
-
-
-async def fill(store: PostgresStore, threads: int, runs_per_thread: int) -> None:
-    for t in range(threads):
-        thread_id = f"thr_{t:03d}"
-        created = float(t - t % 3 // 2)  # ties, broken by id
-        await store.create_thread(
-            ThreadRecord(thread_id, {"team": "red" if t % 2 else "blue"}, created, created)
-        )
-        await store.write(
-            [
-                RunWrite(
-                    record(
-                        f"run_{t:03d}_{r}",
-                        thread_id=thread_id,
-                        created_at=created + r / 10,
-                        status=("completed", "failed")[r % 2],
-                        agent=("echo", "demo")[t % 2],
-                        metadata={"r": str(r), "n": r},
-                    )
-                )
-                for r in range(runs_per_thread)
-            ]
-        )
-
-
-async def test_threads_page_newest_first_by_time_then_id(store: PostgresStore) -> None:
-    await fill(store, 20, 0)
-    # Ids that sort differently under a linguistic collation than bytewise.
-    for thread_id in ("thr_A", "thr_a", "thr-b", "thr_b"):
-        await store.create_thread(ThreadRecord(thread_id, {"team": "x"}, 0.0, 0.0))
-    every = await store.list_threads(metadata=[], limit=100)
-    keys = [(t.created_at, t.thread_id) for t in every]
-    assert keys == sorted(keys, reverse=True) and len(keys) == 24
-
-    async def walk(limit: int, metadata: list[tuple[str, str]]) -> list[str]:
-        seen: list[str] = []
-        before: Key | None = None
-        while True:
-            page = await store.list_threads(metadata=metadata, before=before, limit=limit)
-            seen += [t.thread_id for t in page]
-            if len(page) < limit:
-                return seen
-            before = (page[-1].created_at, page[-1].thread_id)
-
-    for limit in (1, 3, 7, 24):
-        assert await walk(limit, []) == [t.thread_id for t in every]
-    red = await walk(4, [("team", "red")])
-    assert red == [t.thread_id for t in every if t.metadata["team"] == "red"]
-    assert await walk(4, [("team", "red"), ("team", "blue")]) == []
-
-
-async def test_runs_page_by_every_filter(store: PostgresStore) -> None:
-    await fill(store, 6, 4)
-    every = await store.list_runs(RunQuery(), limit=100)
-    assert [(r.created_at, r.run_id) for r in every] == sorted(
-        ((r.created_at, r.run_id) for r in every), reverse=True
-    )
-
-    async def walk(query: RunQuery, limit: int) -> list[str]:
-        seen: list[str] = []
-        before: Key | None = None
-        while True:
-            page = await store.list_runs(query, before=before, limit=limit)
-            seen += [run.run_id for run in page]
-            if len(page) < limit:
-                return seen
-            before = (page[-1].created_at, page[-1].run_id)
-
-    def expect(match: Any) -> list[str]:
-        return [r.run_id for r in every if match(r)]
-
-    assert await walk(RunQuery(), 5) == expect(lambda r: True)
-    assert await walk(RunQuery(status="failed"), 2) == expect(lambda r: r.status == "failed")
-    assert await walk(RunQuery(thread_id="thr_002"), 3) == expect(
-        lambda r: r.thread_id == "thr_002"
-    )
-    assert await walk(RunQuery(agent="demo", metadata=[("r", "0")]), 1) == expect(
-        lambda r: r.agent == "demo" and r.metadata["r"] == "0"
-    )
-    assert await walk(RunQuery(status="completed", thread_id="thr_001"), 1) == expect(
-        lambda r: r.status == "completed" and r.thread_id == "thr_001"
-    )
-    # A metadata filter matches strings only: "n" holds numbers.
-    assert await walk(RunQuery(metadata=[("n", "0")]), 5) == []
+# -- listing ----------------------------------------------------------------------------------
 
 
 async def test_pages_are_ranges_of_indexes_not_scans(
@@ -715,19 +423,7 @@ async def test_pages_are_ranges_of_indexes_not_scans(
     await raw.execute(
         "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off"
     )
-    after: Key = (10.0, "thr_010")
-    cases = [
-        ("threads", thread_page_query([], None, 50)),
-        ("threads", thread_page_query([], after, 50)),
-        ("threads", thread_page_query([("team", "red")], after, 50)),
-        ("runs", run_page_query(RunQuery(), None, 50)),
-        ("runs", run_page_query(RunQuery(), after, 50)),
-        ("runs", run_page_query(RunQuery(status="completed"), after, 50)),
-        ("runs", run_page_query(RunQuery(thread_id="thr_003"), after, 50)),
-        ("runs", run_page_query(RunQuery(agent="echo"), after, 50)),
-        ("runs", run_page_query(RunQuery(metadata=[("r", "1")]), after, 50)),
-    ]
-    for table, (sql, params) in cases:
+    for table, (sql, params) in page_queries(thread_page_query, run_page_query):
         plan = "\n".join(row[0] for row in await raw.fetch(f"EXPLAIN {sql}", *params))
         assert "Index Scan Backward using" in plan and f" on {table}" in plan, plan
         assert "Sort" not in plan and "Seq Scan" not in plan, plan
@@ -735,71 +431,15 @@ async def test_pages_are_ranges_of_indexes_not_scans(
             assert "Index Cond" in plan, plan
 
 
-# -- deleting ---------------------------------------------------------------------------------
+# -- checking ---------------------------------------------------------------------------------
 
 
-async def everything(raw: asyncpg.Connection) -> str:
-    """Every cell of every table, as text."""
-    cells: list[str] = []
-    for (table,) in await raw.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
-        for row in await raw.fetch(f"SELECT * FROM {table}"):
-            cells += [str(cell) for cell in row]
-    return "\n".join(cells)
-
-
-async def test_deleting_a_run_keeps_its_turn_text_and_status(
-    store: PostgresStore, raw: asyncpg.Connection
-) -> None:
-    run_id, answer_id = await make_thread(store, "thr_1", "words to keep")
-    await make_thread(store, "thr_2", "other words")
-    assert await store.delete_run(run_id) is True
-    assert await store.get_run(run_id) is None
-    assert await store.read_events(run_id, 0, None) == []
-    assert await store.read_keyframe(run_id, 10) is None
-    assert await store.get_share("shr_thr_1") is None
-    assert await store.get_share("shr_t_thr_1") is not None  # the thread's own stays
-    turns = {turn.turn_id: turn for turn in await store.load_turns("thr_1")}
-    answer = turns[answer_id]
-    assert (answer.run_id, answer.content, answer.status) == (None, "words to keep", "completed")
-    assert run_id not in await everything(raw)
-    assert await store.check() == []
-    assert await store.delete_run(run_id) is False
-    assert await store.get_run("run_of_thr_2") is not None
-
-
-async def test_deleting_a_thread_erases_everything_of_it(
-    store: PostgresStore, raw: asyncpg.Connection
-) -> None:
-    run_id, answer_id = await make_thread(store, "thr_1", "secret words")
-    await make_thread(store, "thr_2", "other words")
-    assert await store.delete_thread("thr_1") == [run_id]
-    assert await store.get_thread("thr_1") is None
-    assert await store.load_turns("thr_1") == []
-    assert await store.get_run(run_id) is None
-    text = await everything(raw)
-    for gone in ("thr_1", run_id, answer_id, "secret words", "shr_thr_1", "shr_t_thr_1"):
-        assert gone not in text, gone
-    assert "other words" in text
-    assert await store.check() == []
-    assert await store.delete_thread("thr_1") is None
-
-
-async def test_check_finds_what_a_delete_could_leave_behind(
+async def test_check_reads_the_indexes_with_amcheck(
     store: PostgresStore, raw: asyncpg.Connection
 ) -> None:
     await make_thread(store, "thr_1", "words")
     await raw.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
     assert await store.check() == []  # the indexes checked too
-    await raw.execute(
-        "SET session_replication_role = replica;"  # foreign keys off, as a broken delete
-        "DELETE FROM runs; UPDATE threads SET head = 'turn_nope'"
-    )
-    problems = await store.check()
-    assert any("turn turn_a_thr_1: its run run_of_thr_1 does not exist" in p for p in problems)
-    assert any("thread thr_1: its head turn_nope is not a turn" in p for p in problems)
-    assert any(p.startswith("events of run run_of_thr_1") for p in problems)
-    assert any(p.startswith("keyframes of run run_of_thr_1") for p in problems)
-    assert any(p.startswith("share shr_thr_1: its run") for p in problems)
 
 
 async def test_check_finds_gaps_and_ends_without_their_event(store: PostgresStore) -> None:
@@ -820,27 +460,6 @@ async def test_check_finds_gaps_and_ends_without_their_event(store: PostgresStor
         "run run_gap: events are not contiguous from 1 to 4 (3 events, 1..4)",
         "run run_short: events are not contiguous from 1 to 5 (3 events, 1..3)",
     ]
-
-
-async def test_vacuum_reports_the_size_before_and_after(store: PostgresStore) -> None:
-    await store.create_thread(ThreadRecord("thr_1", {}, 1.0, 1.0))
-    many = [
-        Event(i, "text", {"text": f"{i} {secrets.token_hex(100)}"}, float(i))
-        for i in range(1, 5001)
-    ]
-    await store.write([RunWrite(record("run_1", status="completed", last_index=5000), many)])
-    await store.delete_thread("thr_1")
-    before, after = await store.vacuum()
-    assert after < before // 4, (before, after)
-
-
-async def test_a_failed_read_is_a_store_error(
-    store: PostgresStore, raw: asyncpg.Connection
-) -> None:
-    await raw.execute("DROP TABLE events")
-    with pytest.raises(StoreError) as caught:
-        await store.read_events("run_a", 0, None)
-    assert isinstance(caught.value.__cause__, asyncpg.PostgresError)
 
 
 # -- shares ---------------------------------------------------------------------------------
