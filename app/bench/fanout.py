@@ -108,8 +108,7 @@ async def fanout_reference(target: Target, n: int, k: int, batch: int) -> Fanout
 
 
 def _ratio(mine: float, reference: float) -> float:
-    """mine / reference; NaN when the reference measured zero (CPU time is counted in
-    10 ms ticks, so a tiny run can show none)."""
+    """mine / reference; NaN when the reference measured zero."""
     return mine / reference if reference else float("nan")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sqlite3
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from app.bench import _servers
 from app.bench._client import BenchError, Conn, counter_op, pct
 from app.bench._servers import Target, runcast_server
 from app.bench.report import Report
@@ -167,7 +167,7 @@ async def _run_and_kill(server: Target, rng: random.Random) -> tuple[str, float]
                 raise BenchError("persist: no event of the run on disk after 60 s")
             await asyncio.sleep(POLL_S)
         await asyncio.sleep(FULL_SPEED_S + rng.uniform(0, 2 * FLUSH_INTERVAL_S))
-        children = _children(server.process.pid)
+        children = _servers.children(server.process.pid)
         killed_at = time.time()
         server.process.kill()
         await asyncio.to_thread(server.process.wait, 10)
@@ -182,21 +182,6 @@ async def _run_and_kill(server: Target, rng: random.Random) -> tuple[str, float]
         conn.abort()
         await asyncio.wait({conn.reader}, timeout=5)
     return run_id, killed_at
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc, as ``cpu_s`` reads it)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
