@@ -11,17 +11,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.agents.context import RunContext
 from app.core.events import Event, JsonObject
 from app.core.turns import Turn
 from app.engine.run import LiveRun
 from app.errors import StoreError
-from app.store.base import Key, RunQuery, RunRecord, RunWrite, ThreadRecord
+from app.store.base import Key, RunQuery, RunRecord, RunWrite, Store, ThreadRecord
 from app.store.sqlite import SqliteStore
 
 
@@ -173,6 +174,19 @@ class RecordingStore:
 
     async def stats(self) -> dict[str, Any]:
         return await self.inner.stats()
+
+
+S = TypeVar("S", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def opened(store: S) -> AsyncIterator[S]:
+    """``store``, opened, and closed at the end of the block."""
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def settle(rounds: int = 5) -> None:

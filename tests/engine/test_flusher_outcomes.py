@@ -21,18 +21,15 @@ from app.engine.run import LiveRun
 from app.errors import StoreError
 from app.store.base import RunWrite, ThreadRecord
 from app.store.sqlite import SqliteStore
+from tests.fakes import opened
 
 pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "outcomes.db")
-    await store.open()
-    try:
+    async with opened(SqliteStore(tmp_path / "outcomes.db")) as store:
         yield store
-    finally:
-        await store.close()
 
 
 async def new_run(store: SqliteStore, flusher: Flusher, ticks: int) -> LiveRun:
@@ -108,9 +105,7 @@ class LosingStore(SqliteStore):
 
 
 async def test_a_failed_write_that_was_committed_is_not_written_twice(tmp_path: Path) -> None:
-    store = LosingStore(tmp_path / "losing.db")
-    await store.open()
-    try:
+    async with opened(LosingStore(tmp_path / "losing.db")) as store:
         flusher = Flusher(store, interval_s=60.0)
         run = await new_run(store, flusher, ticks=2)
         store.lose_next = True
@@ -121,8 +116,6 @@ async def test_a_failed_write_that_was_committed_is_not_written_twice(tmp_path: 
         assert await flusher.flush() == 1
         assert await indexes_on_disk(store, run) == [1, 2, 3, 4]
         assert not run.needs_flush
-    finally:
-        await store.close()
 
 
 class TimedStore(SqliteStore):
@@ -151,21 +144,19 @@ async def test_the_interval_counts_from_the_start_of_the_last_flush(
     """Flushes begin one interval apart, start to start, while writes take less; a write
     that takes longer is followed by the next at once, not an interval later (which
     would have made the gap write_s + interval_s)."""
-    store = TimedStore(tmp_path / "timed.db")
-    store.write_s = write_s
-    await store.open()
-    flusher = Flusher(store, interval_s=interval_s)
-    loop = asyncio.create_task(flusher.run())
-    try:
-        run = await new_run(store, flusher, ticks=1)
-        k = 1
-        while len(store.began) < 7:
-            k += 1
-            run.append("tick", {"n": k})  # always something new to write
-            await asyncio.sleep(0.005)
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        await store.close()
+    async with opened(TimedStore(tmp_path / "timed.db")) as store:
+        store.write_s = write_s
+        flusher = Flusher(store, interval_s=interval_s)
+        loop = asyncio.create_task(flusher.run())
+        try:
+            run = await new_run(store, flusher, ticks=1)
+            k = 1
+            while len(store.began) < 7:
+                k += 1
+                run.append("tick", {"n": k})  # always something new to write
+                await asyncio.sleep(0.005)
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
     gaps = [b - a for a, b in zip(store.began[1:], store.began[2:], strict=False)]
     assert low <= statistics.median(gaps) <= high, gaps

@@ -38,6 +38,7 @@ from app.store.postgres import (
 from app.store.sqlite import SqliteStore
 from app.transport.app import Runtime, create_app
 from tests.cluster.nodes import fresh_database
+from tests.fakes import opened
 from tests.store.helpers import (
     ended_events,
     events,
@@ -67,12 +68,8 @@ async def pg_url() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(pg_url)
-    await store.open()
-    try:
+    async with opened(PostgresStore(pg_url)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture
