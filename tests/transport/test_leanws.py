@@ -25,7 +25,7 @@ import websockets
 from app.cli import websocket_options
 from app.config import Settings
 from app.transport.app import create_app
-from app.transport.leanws import LeanWebSocketProtocol
+from app.transport.leanws import LeanWebSocketProtocol, _Server
 from tests.conftest import Server, stop_server
 from tests.transport.helpers import open_conn
 
@@ -396,3 +396,17 @@ async def test_a_client_that_stops_reading_is_let_go_with_4408(lean: Start) -> N
         await other.ok("ping")
         await other.ws.close()
         slow.transport.abort()
+
+
+def test_the_text_sent_last_is_framed_once_for_every_connection() -> None:
+    server = _Server.__new__(_Server)
+    server.last_text, server.last_frame = None, b""
+    text = json.dumps({"type": "events", "events": [{"i": i} for i in range(2_000)]})
+    frame = server.text_frame(text)
+    assert frame[0] == 0x80 | TEXT and frame[1] == 126  # final, text, a 16-bit length
+    assert frame[4:] == text.encode() and struct.unpack("!H", frame[2:4])[0] == len(frame) - 4
+    assert server.text_frame(text) is frame  # the same object: framed once
+    other = server.text_frame("ü")  # then another text gets a frame of its own
+    assert other == bytes((0x80 | TEXT, 2)) + "ü".encode()
+    copy = text[:1] + text[1:]  # equal, another object: framed again, the same bytes
+    assert copy is not text and server.text_frame(copy) == frame
