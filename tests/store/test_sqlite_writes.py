@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.events import Event
+from app.core.events import Event, JsonObject
 from app.core.turns import Turn
 from app.errors import StoreError
 from app.store.base import RunRecord, RunWrite, ThreadRecord
@@ -136,6 +136,14 @@ async def test_encodings_are_kept_to_the_byte(store: SqliteStore) -> None:
     events = [
         Event(i + 1, "text", {"text": t, "f": 0.1 * i}, 1e9 + i / 7) for i, t in enumerate(texts)
     ]
+    odd: list[JsonObject] = [
+        {"big": 2**63 - 1, "small": -(2**63), "e": 1e16, "tiny": 1.5e-7, "neg": -0.0},
+        {"nested": {"a": [1, [2, {"b": None}], {}], "t": True, "f": False}, "empty": []},
+        {'k"ey\\': "v", "ключ": "значение", "\x00": "\x1f"},
+        {"deep": [[[[[[[[[[{"x": 1}]]]]]]]]]]},
+    ]
+    events += [Event(len(events) + 1 + k, "custom", data, 1e9) for k, data in enumerate(odd)]
+    texts += ["", "", "", ""]
     await store.write([RunWrite(record("run_a", len(texts)), events)])
     got = await on_disk(store, "run_a")
     assert [e.json for e in got] == [e.json for e in events]
