@@ -189,12 +189,18 @@ class _Server:
         every connection it goes to: a run's watchers send the same events frame one
         after another (one text object, ``LiveRun.shared_text``), and encoding and
         framing a frame of 1,000 events (64 KB) again cost each of them 3.4 µs. (A str
-        is immutable: the same object is the same frame.)"""
+        is immutable: the same object is the same frame.) The frame is kept until the
+        event loop's next turn only, as the shared text is: an idle server holds none."""
         if text is self.last_text:
             return self.last_frame
         frame = _frame(_TEXT, text.encode())
+        if self.last_text is None:
+            self.loop.call_soon(self._forget_text)
         self.last_text, self.last_frame = text, frame
         return frame
+
+    def _forget_text(self) -> None:
+        self.last_text, self.last_frame = None, b""
 
     def local_address(self, transport: asyncio.Transport) -> tuple[str, int | None] | None:
         """The server's end of ``transport``: the same tuple for every connection to one

@@ -398,9 +398,10 @@ async def test_a_client_that_stops_reading_is_let_go_with_4408(lean: Start) -> N
         slow.transport.abort()
 
 
-def test_the_text_sent_last_is_framed_once_for_every_connection() -> None:
+async def test_the_text_sent_last_is_framed_once_for_every_connection() -> None:
     server = _Server.__new__(_Server)
     server.last_text, server.last_frame = None, b""
+    server.loop = asyncio.get_running_loop()
     text = json.dumps({"type": "events", "events": [{"i": i} for i in range(2_000)]})
     frame = server.text_frame(text)
     assert frame[0] == 0x80 | TEXT and frame[1] == 126  # final, text, a 16-bit length
@@ -410,3 +411,5 @@ def test_the_text_sent_last_is_framed_once_for_every_connection() -> None:
     assert other == bytes((0x80 | TEXT, 2)) + "ü".encode()
     copy = text[:1] + text[1:]  # equal, another object: framed again, the same bytes
     assert copy is not text and server.text_frame(copy) == frame
+    await asyncio.sleep(0)  # the loop's next turn: nothing is kept
+    assert server.last_text is None and server.last_frame == b""
