@@ -43,7 +43,6 @@ import base64
 import collections
 import contextvars
 import email.utils
-import hashlib
 import http
 import logging
 import os
@@ -64,13 +63,13 @@ from uvicorn.protocols.utils import (
     is_ssl,
 )
 from uvicorn.server import ServerState
+from websockets.utils import accept_key
 
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # websockets without its C extension
     from websockets.utils import apply_mask
 
-_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CLOSE_TIMEOUT_S: Final = 10.0  # the client's answer to our close frame is waited for
 _MAX_REQUEST_BYTES: Final = 65_536
 # Close codes a peer may send (RFC 6455 §7.4; 1004-1006 and 1015 never on the wire).
@@ -144,7 +143,6 @@ class _Server:
         "asgi",
         "config",
         "connections",
-        "default_headers",
         "last_frame",
         "last_local",
         "last_text",
@@ -154,6 +152,7 @@ class _Server:
         "ping_interval",
         "ping_timeout",
         "root_path",
+        "server_state",
         "tasks",
     )
 
@@ -172,7 +171,9 @@ class _Server:
         self.asgi = {"version": config.asgi_version, "spec_version": "2.4"}
         self.connections = server_state.connections
         self.tasks = server_state.tasks
-        self.default_headers = server_state.default_headers  # uvicorn updates its date
+        # uvicorn replaces its default headers (their Date) every second: read at each
+        # handshake, not kept.
+        self.server_state = server_state
         self.logger = logging.getLogger("uvicorn.error")
         self.loop = loop
         self.max_size = config.ws_max_size
@@ -367,8 +368,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 self._refuse(400, why)
             return
         keys = [value for name, value in headers if name == b"sec-websocket-key"]
-        accept = hashlib.sha1(keys[0] + _GUID).digest()
-        self._accept_key = base64.b64encode(accept).decode()
+        self._accept_key = accept_key(keys[0].decode())
         raw_path, _, query_string = target.partition(b"?")
         try:
             path = unquote(raw_path.decode("ascii"))
@@ -570,7 +570,10 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + self._accept_key.encode() + b"\r\n"
         ]
-        for name, value in (*self._server.default_headers, *message.get("headers", [])):
+        for name, value in (
+            *self._server.server_state.default_headers,
+            *message.get("headers", []),
+        ):
             lines.append(name.lower() + b": " + value + b"\r\n")
         subprotocol = message.get("subprotocol")
         if subprotocol:

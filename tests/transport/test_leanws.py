@@ -166,6 +166,22 @@ async def test_the_handshake_is_answered_with_its_key_and_the_subprotocol(lean: 
     raw.close()
 
 
+async def test_each_handshake_carries_the_date_of_its_own_second(lean: Start) -> None:
+    """uvicorn renews its Date header every second (a new list each time): a handshake
+    answers with the current one, not the first connection's."""
+    server = await lean()
+
+    async def date() -> str:
+        raw, response, _ = await Raw.open(server.port)
+        raw.close()
+        [line] = [x for x in response.decode().split("\r\n") if x.lower().startswith("date:")]
+        return line
+
+    first = await date()
+    await asyncio.sleep(2.1)  # the clock itself is what is waited for: two renewals
+    assert await date() != first
+
+
 async def test_fragments_make_one_message_and_a_ping_between_them_is_answered(
     lean: Start,
 ) -> None:
