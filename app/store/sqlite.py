@@ -279,12 +279,22 @@ def _run_statements(batch: Sequence[RunWrite]) -> list[Statement]:
 # The writer process's program (run by its path: see its docstring).
 _WRITER = str(Path(__file__).with_name("sqlite_writer.py"))
 
-# The writer's connection, as the store's own (WAL is the file's, set by ``open``; its busy
-# timeout is the store connection's as the writer starts).
-_WRITER_PRAGMAS = (
+# Every connection that writes: the store's own and its writer's. (WAL is the file's, set
+# by ``open``.)
+_CONNECTION_PRAGMAS = (
+    # NORMAL in WAL mode: a process crash loses nothing committed; only a power loss may
+    # drop the last transactions.
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
+    # Deleted content is overwritten with zeros, so that a run or a thread erased for good
+    # (PROTOCOL.md §10) leaves no trace in the file's free space.
     "PRAGMA secure_delete=ON",
+)
+
+# The writer's connection: the same, and the store connection's busy timeout as the
+# writer starts.
+_WRITER_PRAGMAS = (
+    *_CONNECTION_PRAGMAS,
     # A flush's new pages stay in the cache until its commit instead of spilling to the
     # WAL half-way: 32 MiB hold an interval of some 300,000 events. (The default, 2 MiB,
     # made the insert of 80,000 events a fifth slower.)
@@ -425,13 +435,8 @@ class SqliteStore:
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a process crash loses nothing committed; only a power
-            # loss may drop the last transactions.
-            await self.db.execute("PRAGMA synchronous=NORMAL")
-            await self.db.execute("PRAGMA foreign_keys=ON")
-            # Deleted content is overwritten with zeros, so that a run or a thread erased
-            # for good (PROTOCOL.md §10) leaves no trace in the file's free space.
-            await self.db.execute("PRAGMA secure_delete=ON")
+            for pragma in _CONNECTION_PRAGMAS:
+                await self.db.execute(pragma)
             # The version is read before the schema is touched: a newer runcast's file is
             # refused as it is, not given this version's tables first.
             await self.db.executescript(_META)
