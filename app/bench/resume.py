@@ -1,7 +1,7 @@
 """The ``resume`` scenario of ``runcast bench``: a subscribe with a cursor near the end of
 an ended run, to its first events frame, from memory (``memory_*``: 20 resumes back to
 back), from disk (``disk_*``: after the run was evicted, ``--linger`` + 0.5 s idle) and
-from memory after a pause of ``--linger``/2 (``idle_memory_p50_ms``: the cost of waking
+from memory after a pause (``idle_memory_p50_ms``: the cost of waking
 idle processes, which ``disk_*`` pays too); and drop/resume cycles on a live run."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import time
-import urllib.request
 
 from app.bench._client import BenchError, Conn, ExactlyOnceError, counter_op, pct, wait_all
 from app.bench._servers import Target
 from app.bench.report import Report
+from app.client import ClientError, http_url_of, request_json
+
+# The pause before a timed resume after the bench asked the server something.
+IDLE_S = 0.5
 
 
 async def _run_to_end(conn: Conn, n: int, timeout_s: float = 600) -> str:
@@ -39,26 +41,19 @@ async def _time_resume(conn: Conn, run_id: str, after: int, last: int) -> float:
 
 
 async def _expect_in_memory(target: Target, held: bool) -> None:
-    """Check the server's ``runcast_runs_in_memory`` (its /metrics): one run or none.
+    """Check the server's count of runs in memory (/api/health): one run or none.
 
     Raises:
         BenchError: the run is (or is not) in memory, not as the scenario meant.
     """
-    url = target.ws_url.replace("ws", "http", 1).rsplit("/", 1)[0] + "/metrics"
+    url = f"{http_url_of(target.ws_url)}/api/health"
     try:
-        text = await asyncio.to_thread(_get, url)
-    except OSError:
-        return  # a --url server that does not show its metrics: not checked
-    match = re.search(r"^runcast_runs_in_memory (\S+)$", text, re.MULTILINE)
-    if match is not None and (float(match[1]) > 0) != held:
+        health = await asyncio.to_thread(request_json, url, None, 10)
+    except ClientError:
+        return  # a --url server that does not answer it: not checked
+    if (health.get("runs_in_memory", 0) > 0) != held:
         where = "still in memory" if not held else "not in memory"
-        raise BenchError(f"resume: the run is {where} ({match[0]})")
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text: str = response.read().decode()
-        return text
+        raise BenchError(f"resume: the run is {where} (runs_in_memory {health})")
 
 
 async def _resume_cycles(args: argparse.Namespace, target: Target) -> tuple[int, int]:
@@ -106,14 +101,18 @@ async def scenario_resume(args: argparse.Namespace, target: Target, report: Repo
             disk: list[float] = []
             idle: list[float] = []
             if target.linger_s is not None:
+                # Each check of the server's memory is followed by a pause of its own, so
+                # that the resume timed after it finds both processes idle again.
                 for _ in range(args.resume_disk_samples):
                     await asyncio.sleep(target.linger_s + 0.5)  # evicted by then
                     await _expect_in_memory(target, False)
+                    await asyncio.sleep(IDLE_S)
                     disk.append(await _time_resume(conn, run_id, after, last))
                     # The same resume from memory after a pause (the run lingers): what
                     # waking two idle processes costs, apart from reading the disk.
-                    await asyncio.sleep(target.linger_s / 2)
+                    await asyncio.sleep(target.linger_s / 4)
                     await _expect_in_memory(target, True)
+                    await asyncio.sleep(min(IDLE_S, target.linger_s / 4))
                     idle.append(await _time_resume(conn, run_id, after, last))
             report.add(
                 "resume",
