@@ -161,7 +161,7 @@ class Edge:
         try:
             self._take(_address(scope))
             principal = self.authenticate(presented_token(scope, headers))
-            if principal is None and not self._public(path, method, False):
+            if principal is None and not self._public(path, method):
                 raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
         except RuncastError as exc:
             await self._deny(scope, send, exc, cors)
@@ -185,7 +185,7 @@ class Edge:
         limit = self.max_connections_per_address
         try:
             principal = self.authenticate(presented_token(scope, headers))
-            if principal is None and not self._public(scope["path"], "GET", True):
+            if principal is None:  # no WebSocket is public
                 raise UnauthorizedError("a valid token is required (Authorization: Bearer)")
             if limit and self.connections.get(address, 0) >= limit:
                 raise TooManyConnectionsError(f"more than {limit} connections from one address")
@@ -258,12 +258,12 @@ class Edge:
             self.tally.rate_limited_requests += 1
             raise RateLimitedError(wait_s)
 
-    def _public(self, path: str, method: str, websocket: bool) -> bool:
-        """What needs no token: the health check, the page and its static files, and the
-        metrics when ``metrics_public``."""
-        if path == "/metrics" and self.metrics_public and not websocket:
+    def _public(self, path: str, method: str) -> bool:
+        """What HTTP request needs no token: the health check, the page and its static
+        files, and the metrics when ``metrics_public``."""
+        if path == "/metrics" and self.metrics_public:
             return method in ("GET", "HEAD")
-        return _public(path, method, websocket)
+        return _public(path, method)
 
     @staticmethod
     async def _deny(scope: Scope, send: Send, error: RuncastError, cors: str | None = None) -> None:
@@ -338,9 +338,9 @@ def _route_endpoint(app: ASGIApp, path: str) -> WebSocketEndpoint | None:
     return None
 
 
-def _public(path: str, method: str, websocket: bool) -> bool:
-    """What needs no token: the health check, the page and its static files."""
-    if websocket or method not in ("GET", "HEAD"):
+def _public(path: str, method: str) -> bool:
+    """What HTTP request needs no token: the health check, the page and its static files."""
+    if method not in ("GET", "HEAD"):
         return False
     if path == "/api/health":
         return True
