@@ -2,7 +2,8 @@
 
 The bench starts ``python -m app serve`` as a child process (or targets ``--url``) and
 drives it with its own WebSocket clients from this process, so the server's CPU time
-(read from ``/proc/PID/stat``) belongs to the server alone. Every watcher checks as it
+(the scheduler's run time of its threads and its child processes, from ``/proc``)
+belongs to the server alone. Every watcher checks as it
 measures that it receives every index exactly once and in order; a gap, a duplicate or
 a reordering raises :class:`BenchError` and the bench fails.
 

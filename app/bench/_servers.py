@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.bench._client import BenchError
+from app.config import Settings
+
+# The flush interval the bench's servers run with (the default, set explicitly).
+FLUSH_INTERVAL_S: float = Settings.model_fields["flush_interval_s"].default
 
 # -- the server process ----------------------------------------------------------------
 
@@ -33,6 +37,8 @@ def cpu_s(pid: int) -> float:
     for a scenario that costs a server 50 ms. A thread that ends takes its time with it;
     the threads of the bench's servers live as long as they do."""
     total = 0
+    if not os.path.isdir(f"/proc/{pid}/task"):
+        raise BenchError(f"no /proc/{pid}/task: process {pid} has ended")
     for process in (pid, *children(pid)):
         with contextlib.suppress(OSError):  # a child that ended meanwhile
             for task in os.scandir(f"/proc/{process}/task"):
@@ -120,6 +126,8 @@ def runcast_server(
     db.unlink(missing_ok=True)
     env = dict(os.environ)
     env["RUNCAST_LINGER_S"] = str(args.linger)
+    # The interval the persist scenario counts in (not one this environment may set).
+    env["RUNCAST_FLUSH_INTERVAL"] = str(FLUSH_INTERVAL_S)
     env["RUNCAST_LOG_LEVEL"] = "warning"
     if source is not None:
         env["PYTHONPATH"] = str(Path(source).resolve())

@@ -11,7 +11,7 @@ Three parts:
 
 - fanout: one ``counter`` run of ``--events`` events on node A, ``--cluster-watchers``
   watchers spread evenly over the nodes; server CPU per delivered event summed over the
-  nodes (``/proc/PID/stat``, as ``fanout`` reads it), against ONE node (no broker, a
+  nodes (``cpu_s``, as ``fanout`` reads it), against ONE node (no broker, a
   fresh database of its own on the same PostgreSQL, or SQLite) with all the watchers,
   in the same run, ``--cluster-rounds`` times each; medians, and their ratio (the
   target: a cluster at most 2x one node);

@@ -262,14 +262,17 @@ class _Clients:
 
 # -- the traced server -------------------------------------------------------------------
 
-# Run as ``python -c``: tracemalloc from the first line, a snapshot written on SIGUSR1.
+# Run as ``python -c``: tracemalloc from the first line, a snapshot written on SIGUSR1
+# (to a file of its own, renamed once whole).
 _TRACED_SERVER = """
-import signal, sys, tracemalloc
+import os, signal, sys, tracemalloc
 tracemalloc.start(int(sys.argv[1]))
 written = [0]
 def dump(signum, frame):
     written[0] += 1
-    tracemalloc.take_snapshot().dump(f"{sys.argv[2]}.{written[0]}")
+    path = f"{sys.argv[2]}.{written[0]}"
+    tracemalloc.take_snapshot().dump(path + ".part")
+    os.replace(path + ".part", path)  # whole, or not there yet
 signal.signal(signal.SIGUSR1, dump)
 from app.cli import main
 sys.exit(main(sys.argv[3:]))
@@ -322,7 +325,7 @@ async def _snapshot(pid: int, path: Path, k: int) -> tracemalloc.Snapshot:
             await asyncio.sleep(0.2)
             try:
                 return tracemalloc.Snapshot.load(str(done))
-            except (OSError, EOFError, ValueError):  # not written yet, or half written
+            except FileNotFoundError:  # not written yet (it appears whole)
                 continue
 
 

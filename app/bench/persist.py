@@ -32,12 +32,9 @@ import orjson
 
 from app.bench import _servers
 from app.bench._client import BenchError, Conn, counter_op, pct
-from app.bench._servers import Target, runcast_server
+from app.bench._servers import FLUSH_INTERVAL_S, Target, runcast_server
 from app.bench.report import Report
-from app.config import Settings
 
-# The server's flush interval (the bench starts it with the default).
-FLUSH_INTERVAL_S: float = Settings.model_fields["flush_interval_s"].default
 EVENTS_PER_KILL = 200_000
 MAX_KILLS = 10
 # How long a run is at full speed before the kill: past its first flushes, whatever the
