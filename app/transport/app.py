@@ -337,5 +337,8 @@ def create_app(
         max_connections_per_address=settings.max_connections_per_address,
         metrics_public=settings.metrics_public,
         tally=runtime.tally,
+        # Straight to the endpoint, past the router (app/transport/edge.py): a route
+        # middleware for /ws would not be called.
+        websockets={"/ws": websocket_endpoint},
     )
     return app

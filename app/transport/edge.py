@@ -14,25 +14,26 @@ Refusals of a handshake: a foreign origin or host gets HTTP 403 and never an ope
 a missing token or too many connections is accepted and closed at once with 1008 and a
 reason, which a browser can read.
 
-A WebSocket connection that passes goes straight to the endpoint of its route (``/ws``),
-not through starlette's router: an idle connection holds as few frames as it can
-(``_route_endpoint``).
+A WebSocket connection that passes goes straight to the endpoint the app gave for its path
+(``websockets``: ``/ws``), not through starlette's exception middleware, router and
+route: an idle connection then holds none of their frames and closures (some 4 KB a
+connection), and each send passes through two wrapping coroutines fewer. What those
+layers add to a WebSocket is the HTTP exception handlers, which answer requests, not
+sessions (a session's error still reaches uvicorn, which logs it). A path the app gave
+none for goes through the app as any request does.
 """
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -117,6 +118,7 @@ class Edge:
         metrics_public: bool = False,
         tally: Tally | None = None,
         clock: Callable[[], float] = time.monotonic,
+        websockets: Mapping[str, WebSocketEndpoint] | None = None,
     ) -> None:
         self.app = app
         self.authenticate = authenticate
@@ -131,7 +133,7 @@ class Edge:
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self.connections: dict[str, int] = {}
-        self._endpoints: dict[str, WebSocketEndpoint] = {}
+        self.websockets = dict(websockets or {})  # path -> endpoint (module docstring)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Not a coroutine itself: an open connection's stack holds one frame of the edge's.
@@ -196,7 +198,7 @@ class Edge:
         scope["runcast.principal"] = principal
         self.connections[address] = self.connections.get(address, 0) + 1
         try:
-            endpoint = self._endpoint(scope["path"])
+            endpoint = self.websockets.get(scope["path"])
             if endpoint is None:
                 await self.app(scope, receive, send)
             else:
@@ -221,17 +223,6 @@ class Edge:
         """Raises: ForbiddenError, for an origin that is neither ours nor allowed."""
         if not self._origin_allowed(origin, headers):
             raise ForbiddenError(f"origin {origin} is not allowed", field="origin")
-
-    def _endpoint(self, path: str) -> WebSocketEndpoint | None:
-        """The function of the app's WebSocket route for ``path``, when nothing but
-        starlette's exception middleware and router stands between the edge and it (see
-        ``_route_endpoint``); else None."""
-        endpoint = self._endpoints.get(path)
-        if endpoint is None:
-            endpoint = _route_endpoint(self.app, path)
-            if endpoint is not None:  # only a path that has a route is remembered
-                self._endpoints[path] = endpoint
-        return endpoint
 
     def _origin_allowed(self, origin: str, headers: Headers) -> bool:
         if origin in self.allow_origins:
@@ -306,36 +297,6 @@ class Edge:
         await send(accept)
         reason = f"{error.code}: {error.message}".encode()[:120].decode(errors="ignore")
         await send({"type": "websocket.close", "code": 1008, "reason": reason})
-
-
-def _route_endpoint(app: ASGIApp, path: str) -> WebSocketEndpoint | None:
-    """The function of the WebSocket route that starlette's router would call for
-    ``path``, when ``app`` is starlette's exception middleware around its router, and the
-    route is a plain one (no parameters, no middleware of its own); else None.
-
-    The edge calls it directly: a connection then holds none of the frames and closures
-    of the exception middleware, the router and the route (some 4 KB a connection), and
-    each send passes through two wrapping coroutines fewer. Nothing is lost: what those
-    layers add to a WebSocket connection is the HTTP exception handlers, which answer
-    requests, not sessions (a session's error still reaches uvicorn, which logs it).
-    """
-    if not isinstance(app, ExceptionMiddleware):
-        return None
-    router = app.app
-    if not isinstance(router, Router) or router.middleware_stack != router.app:
-        return None
-    for route in router.routes:
-        if isinstance(route, Route):
-            continue  # HTTP only: never a WebSocket's
-        if not isinstance(route, WebSocketRoute) or route.param_convertors:
-            return None  # a mount, or a pattern: let the router decide
-        if route.path != path:
-            continue
-        endpoint = route.endpoint
-        plain = inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
-        wrapped = getattr(route.app, "__qualname__", "").startswith("websocket_session.")
-        return endpoint if plain and wrapped else None
-    return None
 
 
 def _public(path: str, method: str) -> bool:
